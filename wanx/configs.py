@@ -1,0 +1,307 @@
+"""Frozen configuration dataclasses and the task table.
+
+Field names follow the official constructors (``WanModel``, ``WanVAE_``, ``T5Encoder``) so that a
+``config.json`` written by the official code maps onto them one to one. Defaults are the official
+constructor defaults; the per-task sizes live in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+# The official default negative prompt (shared_config.sample_neg_prompt); used when none is given.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+# "W*H" -> (W, H), as the official SIZE_CONFIGS.
+SIZE_CONFIGS: dict[str, tuple[int, int]] = {
+    "720*1280": (720, 1280),
+    "1280*720": (1280, 720),
+    "480*832": (480, 832),
+    "832*480": (832, 480),
+    "704*1280": (704, 1280),
+    "1280*704": (1280, 704),
+    "1024*704": (1024, 704),
+    "704*1024": (704, 1024),
+}
+
+
+def _tuple(v: Any) -> Any:
+    """JSON gives lists; our frozen configs keep tuples (hashable, immutable)."""
+    if isinstance(v, list):
+        return tuple(_tuple(x) for x in v)
+    return v
+
+
+class _ConfigMixin:
+    """from_dict / to_dict shared by every config; unknown keys are ignored (config.json extras)."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: _tuple(v) for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class DiTConfig(_ConfigMixin):
+    """The Wan diffusion transformer (official ``WanModel`` constructor names and defaults).
+
+    Real ``config.json`` files omit ``patch_size``, ``text_dim``, ``window_size``, ``qk_norm`` and
+    ``cross_attn_norm`` (the official ``ignore_for_config``); the defaults here supply them.
+    """
+
+    model_type: str = "t2v"
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 16
+    dim: int = 2048
+    ffn_dim: int = 8192
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 16
+    num_layers: int = 32
+    window_size: tuple[int, int] = (-1, -1)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def tiny(cls, model_type: str = "t2v", **kw) -> "DiTConfig":
+        """A 2-layer model for tests (in/out channels follow the task's latent layout)."""
+        in_out = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}[model_type]
+        base = dict(model_type=model_type, in_dim=in_out[0], out_dim=in_out[1], dim=64,
+                    ffn_dim=128, freq_dim=256, text_dim=32, num_heads=2, num_layers=2)
+        base.update(kw)
+        return cls(**base)
+
+
+# Official per-channel latent statistics (vae2_1.py / vae2_2.py).
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+WAN22_LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+
+@dataclass(frozen=True)
+class VAEConfig(_ConfigMixin):
+    """A Wan video VAE (official ``WanVAE_`` constructor names, plus ``version``).
+
+    ``version`` "2.1": z=16, 4x8x8. "2.2": z=48, 2x2 pixel patchify, residual down/up blocks,
+    4x16x16, separate decoder width ``dec_dim``. ``latents_mean``/``latents_std`` default to the
+    official constants of the version (None); tiny test models may set their own.
+    """
+
+    version: str = "2.1"
+    dim: int = 96
+    dec_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)  # sic: official spelling
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.version not in ("2.1", "2.2"):
+            raise ValueError(f"VAEConfig.version must be '2.1' or '2.2', got {self.version!r}")
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.dec_dim if self.dec_dim is not None else self.dim
+
+    @property
+    def spatial_stride(self) -> int:
+        return 16 if self.version == "2.2" else 8
+
+    @property
+    def temporal_stride(self) -> int:
+        return 4
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        if self.latents_mean is not None:
+            return self.latents_mean
+        return WAN22_LATENT_MEAN if self.version == "2.2" else WAN21_LATENT_MEAN
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        if self.latents_std is not None:
+            return self.latents_std
+        return WAN22_LATENT_STD if self.version == "2.2" else WAN21_LATENT_STD
+
+    @classmethod
+    def wan21(cls) -> "VAEConfig":
+        return cls(version="2.1", dim=96, z_dim=16)
+
+    @classmethod
+    def wan22(cls) -> "VAEConfig":
+        return cls(version="2.2", dim=160, dec_dim=256, z_dim=48)
+
+    @classmethod
+    def tiny(cls, version: str = "2.1", **kw) -> "VAEConfig":
+        if version == "2.2":
+            base = dict(version="2.2", dim=8, dec_dim=16, z_dim=48, num_res_blocks=1,
+                        latents_mean=(0.0,) * 48, latents_std=(1.0,) * 48)
+        else:
+            base = dict(version="2.1", dim=8, z_dim=16, num_res_blocks=1)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class T5Config(_ConfigMixin):
+    """The umT5 encoder (official ``umt5_xxl`` sizes by default; relative-position buckets per layer)."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    shared_pos: bool = False
+    eps: float = 1e-6
+    max_distance: int = 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_attn // self.num_heads
+
+    @classmethod
+    def tiny(cls, **kw) -> "T5Config":
+        base = dict(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4,
+                    num_layers=2, num_buckets=8)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One official task: model sizes, file names and the official sampling defaults."""
+
+    name: str
+    dit: DiTConfig
+    vae_version: str
+    vae_checkpoint: str
+    sample_steps: int
+    sample_shift: float
+    guide_scale: float | tuple[float, float]  # float, or the official (low_noise, high_noise) tuple
+    frame_num: int
+    sample_fps: int
+    supported_sizes: tuple[str, ...]
+    default_size: str
+    boundary: float | None = None  # ratio of NUM_TRAIN_TIMESTEPS; None = one model
+    expert_dirs: tuple[str, str] | None = None  # (high_noise, low_noise) subfolders
+    runnable: bool = True
+    t5_checkpoint: str = "models_t5_umt5-xxl-enc-bf16.pth"
+    t5_tokenizer: str = "google/umt5-xxl"
+    text_len: int = 512
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    note: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.expert_dirs is not None
+
+    @property
+    def vae_stride(self) -> tuple[int, int, int]:
+        return (4, 16, 16) if self.vae_version == "2.2" else (4, 8, 8)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be divisible by VAE stride x DiT patch."""
+        return self.vae_stride[1] * self.dit.patch_size[1]
+
+
+_A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+_HD_SIZES = ("720*1280", "1280*720", "480*832", "832*480")
+
+TASKS: dict[str, TaskSpec] = {
+    "t2v-A14B": TaskSpec(
+        name="t2v-A14B", dit=DiTConfig(model_type="t2v", in_dim=16, out_dim=16, **_A14B),
+        vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=40, sample_shift=12.0,
+        guide_scale=(3.0, 4.0), frame_num=81, sample_fps=16, supported_sizes=_HD_SIZES,
+        default_size="1280*720", boundary=0.875,
+        expert_dirs=("high_noise_model", "low_noise_model")),
+    "i2v-A14B": TaskSpec(
+        name="i2v-A14B", dit=DiTConfig(model_type="i2v", in_dim=36, out_dim=16, **_A14B),
+        vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=40, sample_shift=5.0,
+        guide_scale=(3.5, 3.5), frame_num=81, sample_fps=16, supported_sizes=_HD_SIZES,
+        default_size="1280*720", boundary=0.900,
+        expert_dirs=("high_noise_model", "low_noise_model")),
+    "ti2v-5B": TaskSpec(
+        name="ti2v-5B", dit=DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, dim=3072,
+                                      ffn_dim=14336, num_heads=24, num_layers=30),
+        vae_version="2.2", vae_checkpoint="Wan2.2_VAE.pth", sample_steps=50, sample_shift=5.0,
+        guide_scale=5.0, frame_num=121, sample_fps=24, supported_sizes=("704*1280", "1280*704"),
+        default_size="1280*704"),
+    "s2v-14B": TaskSpec(
+        name="s2v-14B", dit=DiTConfig(model_type="s2v", in_dim=16, out_dim=16, **_A14B),
+        vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=40, sample_shift=3.0,
+        guide_scale=4.5, frame_num=81, sample_fps=16, supported_sizes=tuple(SIZE_CONFIGS),
+        default_size="1280*720", runnable=False,
+        note="speech-to-video needs the S2V model (audio injection, frame packing): not yet runnable"),
+    "animate-14B": TaskSpec(
+        name="animate-14B", dit=DiTConfig(model_type="i2v", in_dim=36, out_dim=16, **_A14B),
+        vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=20, sample_shift=5.0,
+        guide_scale=1.0, frame_num=77, sample_fps=30, supported_sizes=("720*1280", "1280*720"),
+        default_size="1280*720", runnable=False,
+        note="character animation needs CLIP, the face encoder and pose inputs: not yet runnable"),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """The task spec for ``name``; an unknown name is an error listing the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'W*H' -> (W, H)."""
+    try:
+        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise ValueError(f"size must look like 'W*H' (e.g. 1280*720), got {size!r}") from None
+    return w, h

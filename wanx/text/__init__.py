@@ -1,0 +1,68 @@
+"""Text conditioning: prompt -> umT5 token ids -> per-prompt context ``[L_i, dim]``.
+
+``TextEncoder.encode`` returns each prompt's context trimmed to its true length (EOS included),
+as the official ``T5EncoderModel.__call__`` does; ``pad_context`` zero-pads a list of them into
+the ``[B, text_len, dim]`` batch the DiT receives.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .tokenizer import Tokenizer, clean_prompt
+from .umt5 import UMT5Encoder
+
+__all__ = ["UMT5Encoder", "Tokenizer", "clean_prompt", "TextEncoder", "pad_context"]
+
+
+def pad_context(contexts: Sequence[torch.Tensor], text_len: int = 512) -> torch.Tensor:
+    """Stack ``[L_i, dim]`` contexts into ``[B, text_len, dim]``, zero-filled after each ``L_i``.
+
+    # parity: the official DiT pads with zeros, not with the encoder's outputs at pad positions.
+    """
+    if not contexts:
+        raise ValueError("pad_context needs at least one context")
+    too_long = [c.shape[0] for c in contexts if c.shape[0] > text_len]
+    if too_long:
+        raise ValueError(f"context lengths {too_long} exceed text_len {text_len}")
+    first = contexts[0]
+    out = first.new_zeros(len(contexts), text_len, first.shape[-1])  # [B, text_len, dim]
+    for i, c in enumerate(contexts):
+        out[i, : c.shape[0]] = c
+    return out
+
+
+class TextEncoder:
+    """Tokenizer + :class:`UMT5Encoder`: ``encode(prompts) -> list of [L_i, dim]``.
+
+    ``text_len`` defaults to the tokenizer's; ``device`` given moves the model there (None: the
+    model stays where it is and encodes there).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, model: UMT5Encoder, text_len: int | None = None,
+                 device: str | torch.device | None = None):
+        self.tokenizer = tokenizer
+        self.model = model if device is None else model.to(device)
+        self.text_len = tokenizer.text_len if text_len is None else text_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> list[torch.Tensor]:
+        """One ``[L_i, dim]`` tensor per prompt, ``L_i`` = its token count including the EOS."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids, mask = self.tokenizer(prompts, text_len=self.text_len)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        context = self.model(ids, mask)  # [B, text_len, dim]
+        lengths = mask.gt(0).sum(dim=1).tolist()
+        return [c[:n] for c, n in zip(context, lengths)]
+
+    __call__ = encode
+
+    def encode_padded(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """``pad_context(encode(prompts), text_len)``: ``[B, text_len, dim]``."""
+        return pad_context(self.encode(prompts), self.text_len)

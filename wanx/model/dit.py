@@ -1,0 +1,234 @@
+"""The Wan 2.2 diffusion transformer (official ``WanModel``), on batched tensors.
+
+State-dict keys are exactly the official ones, so official checkpoints load with ``strict=True``.
+Precision follows the official model under ``autocast(bf16)``: linear layers run in the weight
+dtype, while the timestep embedding, all modulation arithmetic, the layer norms, the residual
+stream and the output head run in float32 (RoPE in float64). Lines that do this are marked
+``# parity:``; do not "simplify" them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..configs import DiTConfig
+from .attention import attention
+from .rope import RopeCache, apply_rope
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[cos(t*f), sin(t*f)]`` with ``f = 10000^(-i/(dim/2))``; ``t [N]`` -> float32 ``[N, dim]``."""
+    half = dim // 2
+    # parity: positions and frequencies in float64, as the official sinusoidal_embedding_1d.
+    pos = t.to(torch.float64)
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    angles = torch.outer(pos, freqs)  # [N, dim/2]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # [N, dim]
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in float32 whatever the weight dtype (the official fp32-autocast regions)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 and cast back to the input dtype (official ``WanLayerNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = False):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        # parity: fp32 statistics and affine, then back to the input dtype.
+        return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim in float32, cast back, then scaled (official ``WanRMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # parity: normalise in fp32, cast back to x's dtype before the weight multiply.
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm over the full width; self-attention when ``context`` is None."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                freqs: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, L, dim]`` (any float dtype) -> ``[B, L, dim]`` in the weight dtype."""
+        dtype = self.q.weight.dtype
+        x = x.to(dtype)
+        src = x if context is None else context.to(dtype)
+        b, n, d = x.shape[0], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)  # [B, L, H, D]
+        k = self.norm_k(self.k(src)).view(b, -1, n, d)  # [B, Lk, H, D]
+        v = self.v(src).view(b, -1, n, d)  # [B, Lk, H, D]
+        if freqs is not None:
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)  # float32 [B, L, H, D]
+        out = attention(q, k, v)  # [B, L, H, D]
+        return self.o(out.flatten(2))  # [B, L, dim]
+
+
+class Block(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention to the text, modulated FFN."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        # Official naming: norm3 is the (affine) cross-attention pre-norm, norm2 the FFN pre-norm.
+        self.norm3 = LayerNorm(dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+                freqs: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, dim]``, ``e0 [B, L or 1, 6, dim]`` fp32 -> ``[B, L, dim]`` fp32."""
+        # parity: modulation in fp32 (bf16 parameter + fp32 e0 promotes to fp32).
+        mods = (self.modulation.unsqueeze(0) + e0).unbind(2)  # 6 x [B, L or 1, dim]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
+        h = self.norm1(x).float() * (1 + scale_sa) + shift_sa  # parity: fp32 modulate
+        x = x + self.self_attn(h, freqs=freqs) * gate_sa  # parity: residual becomes fp32 here
+        x = x + self.cross_attn(self.norm3(x), context=context)
+        h = self.norm2(x).float() * (1 + scale_ff) + shift_ff  # parity: fp32 modulate
+        return x + self.ffn(h.to(self.ffn[0].weight.dtype)) * gate_ff
+
+
+class Head(nn.Module):
+    """Output head: modulated LayerNorm then a linear map to ``prod(patch) * out_dim`` per token."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, dim]``, raw time embedding ``e [B, L or 1, dim]`` -> fp32 ``[B, L, p*out_dim]``."""
+        # parity: the head runs entirely in fp32 (official fp32 autocast region); e gets no SiLU.
+        shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)  # 2 x [B, L or 1, dim]
+        return linear_fp32(self.head, self.norm(x).float() * (1 + scale) + shift)
+
+
+class WanDiT(nn.Module):
+    """The Wan 2.2 diffusion transformer with the official state-dict keys."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
+            raise ValueError(f"dim {cfg.dim} must split into {cfg.num_heads} heads of even size")
+        if tuple(cfg.window_size) != (-1, -1):
+            raise ValueError("windowed self-attention is not used by any Wan 2.2 model; window_size must be (-1, -1)")
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        # RoPE tables live outside the state dict, computed lazily per grid size.
+        self.rope = RopeCache(cfg.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Drop cached RoPE tables (they are rebuilt on the next forward, on the input's device)."""
+        self.rope.clear()
+
+    def embed_time(self, t: torch.Tensor, batch: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` ([], [B] or [B, >=L]) -> ``e [B, Lt, dim]`` and ``e0 [B, Lt, 6, dim]`` in fp32, Lt in {1, L}."""
+        t = self._timesteps(t, batch, num_tokens)  # [B, Lt]
+        # parity: the whole timestep path is fp32 (official fp32 autocast), sinusoid in float64.
+        with torch.autocast(t.device.type, enabled=False):
+            s = sinusoidal_embedding(t.flatten(), self.cfg.freq_dim).unflatten(0, t.shape)  # [B, Lt, freq]
+            e = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], s)))
+            e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, self.cfg.dim))
+        return e, e0  # [B, Lt, dim], [B, Lt, 6, dim]
+
+    @staticmethod
+    def _timesteps(t: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
+        """Normalise t to [B, 1] (one value per sample) or [B, L] (one per token)."""
+        if t.dim() == 0 or (t.dim() == 1 and t.numel() == 1):
+            return t.reshape(1, 1).expand(batch, 1)  # [B, 1]
+        if t.dim() == 1 and t.shape[0] == batch:
+            return t[:, None]  # [B, 1]
+        if t.dim() == 2 and t.shape[0] in (1, batch) and t.shape[1] >= num_tokens:
+            # The official pipeline pads t to seq_len; values past the real tokens are never used.
+            return t[:, :num_tokens].expand(batch, num_tokens)  # [B, L]
+        raise ValueError(f"t must be [], [B] or [B, >=L] with B={batch}, L={num_tokens}; got {tuple(t.shape)}")
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Zero-pad ``context [B, L_ctx, text_dim]`` to ``text_len`` and embed -> ``[B, text_len, dim]``."""
+        b, n, c = context.shape
+        if n > self.cfg.text_len or c != self.cfg.text_dim:
+            raise ValueError(f"context must be [B, <={self.cfg.text_len}, {self.cfg.text_dim}], "
+                             f"got {tuple(context.shape)}")
+        # All text_len positions are attended (no key mask), as the official model does.
+        context = F.pad(context.to(self.text_embedding[0].weight.dtype), (0, 0, 0, self.cfg.text_len - n))
+        return self.text_embedding(context)  # [B, text_len, dim]
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """``x [B, C_in, T, H, W]`` -> tokens ``[B, L, dim]`` (row-major t, h, w) and the token grid."""
+        if x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"expected {self.cfg.in_dim} input channels (x plus y), got {x.shape[1]}")
+        if any(s % p for s, p in zip(x.shape[2:], self.cfg.patch_size)):
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by patch {self.cfg.patch_size}")
+        x = self.patch_embedding(x.to(self.dtype))  # [B, dim, T', H', W']
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # [B, L, dim]
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Tokens ``[B, L, pt*ph*pw*C]`` (channel fastest) -> ``[B, C, T, H, W]``."""
+        b, (t, h, w), (pt, ph, pw), c = x.shape[0], grid, self.cfg.patch_size, self.cfg.out_dim
+        x = x.view(b, t, h, w, pt, ph, pw, c)  # [B, T', H', W', pt, ph, pw, C]
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, T', pt, H', ph, W', pw]
+        return x.reshape(b, c, t * pt, h * ph, w * pw)  # [B, C, T, H, W]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity: ``x [B, C, T, H, W]`` -> float32 ``[B, out_dim, T, H, W]``."""
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, C + C_y, T, H, W]
+        x, grid = self.patchify(x)  # [B, L, dim]
+        e, e0 = self.embed_time(torch.as_tensor(t, device=x.device), x.shape[0], x.shape[1])
+        context = self.embed_text(context.to(x.device))
+        freqs = self.rope(grid, x.device)  # [L, head_dim/2] complex128
+        for block in self.blocks:
+            x = block(x, e0, context, freqs)
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.head(x, e)  # [B, L, p*out_dim]
+        return self.unpatchify(x, grid).float()

@@ -1,0 +1,81 @@
+"""3D rotary position embedding of the Wan DiT (frame, height, width axes).
+
+Each head's channels are viewed as ``D/2`` complex numbers made of adjacent pairs
+``(x0, x1), (x2, x3), ...``; the first pairs rotate with the frame index, the next with the row,
+the last with the column (``D - 4*(D//6) : 2*(D//6) : 2*(D//6)`` channels, 44:42:42 for D=128).
+The tables are not parameters: they never appear in a state dict.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+MAX_POSITIONS = 1024  # per axis, as the official tables
+THETA = 10000.0
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs per axis (t, h, w) for a head of ``head_dim`` channels."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def _axis_freqs(n: int, channels: int) -> torch.Tensor:
+    """Complex128 [n, channels/2]: e^{i * pos * theta^(-2j/channels)} for pos < n."""
+    # parity: float64 on the CPU, the same formula as the official rope_params.
+    inv = 1.0 / torch.pow(THETA, torch.arange(0, channels, 2, dtype=torch.float64, device="cpu") / channels)
+    angles = torch.outer(torch.arange(n, device="cpu"), inv)  # [n, channels/2], float64
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_freqs(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
+    """Complex128 ``[T*H*W, head_dim/2]`` rotations for the tokens of a (T, H, W) grid, row-major."""
+    t, h, w = grid
+    if max(grid) > MAX_POSITIONS:
+        raise ValueError(f"RoPE supports at most {MAX_POSITIONS} positions per axis, got grid {grid}")
+    ct, ch, cw = rope_split(head_dim)
+    ft = _axis_freqs(t, 2 * ct)[:, None, None, :].expand(t, h, w, ct)  # [T, H, W, ct]
+    fh = _axis_freqs(h, 2 * ch)[None, :, None, :].expand(t, h, w, ch)  # [T, H, W, ch]
+    fw = _axis_freqs(w, 2 * cw)[None, None, :, :].expand(t, h, w, cw)  # [T, H, W, cw]
+    return torch.cat([ft, fh, fw], dim=-1).reshape(t * h * w, ct + ch + cw)  # [L, D/2]
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, L, H, D]`` by ``freqs [L, D/2]`` (complex); returns float32 ``[B, L, H, D]``."""
+    b, l, h, d = x.shape
+    # parity: the product is taken in complex float64 and only then rounded to float32.
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, l, h, d // 2, 2))  # [B, L, H, D/2]
+    out = torch.view_as_real(xc * freqs[None, :, None, :])  # [B, L, H, D/2, 2]
+    return out.reshape(b, l, h, d).float()  # [B, L, H, D]
+
+
+class RopeCache:
+    """Per-(grid, device) rotation tables; a few entries, oldest evicted first."""
+
+    def __init__(self, head_dim: int, max_entries: int = 8):
+        self.head_dim = head_dim
+        self.max_entries = max_entries
+        self._tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __call__(self, grid: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
+        """The complex128 ``[L, head_dim/2]`` table for ``grid`` on ``device``."""
+        key = (tuple(int(g) for g in grid), str(torch.device(device)))
+        table = self._tables.get(key)
+        if table is None:
+            table = rope_freqs(key[0], self.head_dim).to(device)
+            self._tables[key] = table
+            while len(self._tables) > self.max_entries:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+    def __len__(self) -> int:
+        return len(self._tables)

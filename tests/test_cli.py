@@ -1,0 +1,83 @@
+"""`wanx generate` end to end on a tiny checkpoint, and its up-front input checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import wanx
+from wanx import cli
+from wanx.media import read_mp4
+from wanx.testing import build_tiny_checkpoint
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "t2v", "t2v-A14B", seed=5)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if anything heavy is loaded."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(wanx, "load_pipeline", boom)
+
+
+def test_readme_flag_table_matches_the_parser():
+    sub = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
+    flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    table = README.read_text().split("### `wanx generate` flags", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(--[a-z_0-9]+)`", table, flags=re.M))
+    assert documented == flags
+
+
+def test_generate_writes_a_playable_mp4_with_the_recipe(ckpt, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    rc = cli.main(["generate", "a red circle moving left", "--ckpt_dir", str(ckpt), "--size", "128*64",
+                   "--frame_num", "9", "--sample_steps", "3", "--base_seed", "42", "--save_file", str(out)])
+    assert rc == 0
+    frames, fps, recipe = read_mp4(out)
+    assert frames.shape == (9, 64, 128, 3)
+    assert fps == 16
+    assert recipe["prompt"] == "a red circle moving left" and recipe["seed"] == 42
+    assert recipe["task"] == "t2v-A14B" and recipe["sample_steps"] == 3 and recipe["size"] == "128*64"
+    assert recipe["checkpoint"]["path"] == str(ckpt)
+    line = capsys.readouterr().out
+    assert "saved" in line and "denoise" in line and "peak RSS" in line
+
+
+def test_existing_output_is_not_overwritten(ckpt, tmp_path, no_loading, capsys):
+    out = tmp_path / "keep.mp4"
+    out.write_bytes(b"user data")
+    rc = cli.main(["generate", "x", "--ckpt_dir", str(ckpt), "--save_file", str(out)])
+    assert rc == 2 and out.read_bytes() == b"user data"
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--frame_num", "8"], "4n+1"),
+    (["--size", "1280*720"], "not supported"),
+    (["--task", "i2v-A14B"], "needs --image"),
+    (["--image", "/nonexistent.png", "--task", "ti2v-5B"], "--image not found"),
+    (["--task", "s2v-14B"], "not runnable"),
+])
+def test_invalid_combinations_fail_before_loading(ckpt, tmp_path, no_loading, capsys, args, message):
+    rc = cli.main(["generate", "x", "--ckpt_dir", str(ckpt), "--save_file", str(tmp_path / "o.mp4"), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_task_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "x", "--task", "t2v-1.3B"])
+    assert e.value.code == 2
+
+
+def test_missing_checkpoint_folder_is_named(tmp_path, no_loading, capsys):
+    rc = cli.main(["generate", "x", "--ckpt_dir", str(tmp_path / "nope")])
+    assert rc == 2 and "nope" in capsys.readouterr().err

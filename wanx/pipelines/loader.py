@@ -1,0 +1,89 @@
+"""`load_pipeline`: read a checkpoint folder (official or diffusers) into a ready `WanPipeline`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from ..device import resolve_device, resolve_dtype
+from ..loading.layout import CheckpointLayout, find_checkpoint
+from ..loading.safe import CheckpointError
+from .common import PipelineOptions, WanPipeline
+
+log = logging.getLogger("wanx")
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo" / "wanx-demo"
+
+
+def demo_checkpoint_dir() -> Path:
+    """The built-in demo model's folder (an official-layout checkpoint shipped with wanx)."""
+    if not (DEMO_DIR / "wanx.json").is_file():
+        raise CheckpointError(f"the built-in demo model is not present in this install ({DEMO_DIR}); "
+                              f"pass a checkpoint folder (ckpt_dir=...)")
+    return DEMO_DIR
+
+
+def checkpoint_identity(layout: CheckpointLayout) -> dict:
+    """A cheap fingerprint of the checkpoint (config hashes and weight sizes) for the video's recipe."""
+    digest = hashlib.sha256()
+    total = 0
+    for folder in layout.dit_paths:
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            digest.update(cfg.read_bytes())
+        for f in sorted(folder.glob("*.safetensors")):
+            total += f.stat().st_size
+            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return {"path": str(layout.root), "layout": layout.kind, "dit_fingerprint": digest.hexdigest()[:16],
+            "dit_bytes": total}
+
+
+def _load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype):
+    from ..loading.t5 import load_t5
+    from ..text import TextEncoder, Tokenizer
+
+    tokenizer = Tokenizer.from_folder(layout.tokenizer_dir, text_len=layout.spec.text_len)
+    model = load_t5(layout.t5_path, config=layout.t5_config, dtype=dtype, device="cpu")
+    return TextEncoder(tokenizer, model, text_len=layout.spec.text_len)
+
+
+def _load_vae(layout: CheckpointLayout, device: torch.device):
+    from ..loading.vae import load_vae
+
+    # parity: the official VAE wrappers run in float32 whatever the DiT dtype.
+    return load_vae(layout.vae_path, config=layout.vae_config, version=layout.spec.vae_version,
+                    dtype=torch.float32, device=device)
+
+
+def _load_experts(layout: CheckpointLayout, dtype: torch.dtype, device: torch.device, offload: bool):
+    from ..loading.dit import load_dit
+
+    home = torch.device("cpu") if offload else device
+    return [load_dit(p, dtype=dtype, device=home) for p in layout.dit_paths]
+
+
+def load_pipeline(ckpt_dir=None, task: str | None = None, device=None, dtype=None, *,
+                  offload_model: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
+                  batch_cfg: bool = True) -> WanPipeline:
+    """Load every component of ``ckpt_dir`` (None: the built-in demo model) for ``task``.
+
+    ``dtype`` is the DiT and text-encoder compute dtype (default float32 on CPU, bfloat16 on CUDA);
+    ``convert_model_dtype`` forces the DiT to bfloat16 as the official flag does. The VAE runs in fp32.
+    """
+    layout = find_checkpoint(ckpt_dir if ckpt_dir is not None else demo_checkpoint_dir(), task=task)
+    device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(dtype, device)
+    dit_dtype = torch.bfloat16 if convert_model_dtype else dtype
+    options = PipelineOptions(offload_model=offload_model, t5_cpu=t5_cpu,
+                              convert_model_dtype=convert_model_dtype, batch_cfg=batch_cfg)
+    text_encoder = _load_text_encoder(layout, dtype)
+    vae = _load_vae(layout, device)
+    experts = _load_experts(layout, dit_dtype, device, offload_model)
+    log.info("loaded %s (%s layout) from %s on %s", layout.spec.name, layout.kind, layout.root, device)
+    return WanPipeline(layout.spec, text_encoder, vae, experts, device=device, options=options,
+                       checkpoint=checkpoint_identity(layout))

@@ -1,0 +1,88 @@
+"""Tiny random-weight checkpoints in the official layout, for tests, smoke runs and benchmarks.
+
+`build_tiny_checkpoint(folder, task)` writes exactly the files a real Wan 2.2 folder has (umT5
+`.pth`, tokenizer folder, VAE `.pth`, expert subfolders with config.json + safetensors) at toy
+sizes, plus the `wanx.json` that tells wanx the non-standard component sizes.
+
+    python -m wanx.testing outputs/tiny-t2v --task t2v-A14B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .configs import DiTConfig, T5Config, VAEConfig, get_task
+
+TINY_TASK_DEFAULTS = {"supported_sizes": ["64*64", "128*64", "64*128", "128*128"],
+                      "default_size": "64*64", "frame_num": 5, "sample_steps": 4}
+
+
+def _randomize(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
+    """Fill every parameter with small noise (zero-initialised heads would make outputs trivial)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("gamma", "norm_q.weight", "norm_k.weight", "norm1.weight", "norm2.weight",
+                              "norm3.weight", "norm.weight")):
+                p.copy_(1.0 + std * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=generator))
+
+
+def tiny_configs(task: str) -> tuple[DiTConfig, T5Config, VAEConfig]:
+    """The tiny DiT/T5/VAE configs used for ``task`` (same channel layout as the real model)."""
+    spec = get_task(task)
+    t5 = T5Config.tiny()
+    dit = DiTConfig.tiny(spec.dit.model_type, text_dim=t5.dim)
+    vae = VAEConfig.tiny(spec.vae_version)
+    return dit, t5, vae
+
+
+def build_tiny_checkpoint(folder: str | Path, task: str = "t2v-A14B", *, seed: int = 0,
+                          max_shard_bytes: int | None = None, task_overrides: dict | None = None) -> Path:
+    """Write a complete official-layout checkpoint with random weights; returns the folder."""
+    from .loading.dit import save_dit
+    from .loading.t5 import save_t5
+    from .loading.vae import save_vae
+    from .model import WanDiT
+    from .text import UMT5Encoder
+    from .train.vocab import save_demo_tokenizer
+    from .vae import WanVAE
+
+    spec = get_task(task)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    dit_cfg, t5_cfg, vae_cfg = tiny_configs(task)
+
+    save_demo_tokenizer(folder / spec.t5_tokenizer)
+    t5 = UMT5Encoder(t5_cfg)
+    _randomize(t5, gen, std=0.5)
+    save_t5(t5, folder / spec.t5_checkpoint)
+    vae = WanVAE(vae_cfg)
+    _randomize(vae, gen)
+    save_vae(vae, folder / spec.vae_checkpoint)
+    for sub in (spec.expert_dirs or (".",)):
+        dit = WanDiT(dit_cfg)
+        _randomize(dit, gen)
+        save_dit(dit, folder / sub, layout="official", max_shard_bytes=max_shard_bytes)
+    overrides = dict(TINY_TASK_DEFAULTS, **(task_overrides or {}))
+    meta = {"t5": t5_cfg.to_dict(), "vae": vae_cfg.to_dict(), "task": {"base": task, **overrides}}
+    (folder / "wanx.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="write a tiny random-weight Wan 2.2 checkpoint folder")
+    p.add_argument("folder")
+    p.add_argument("--task", default="t2v-A14B")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(build_tiny_checkpoint(args.folder, args.task, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

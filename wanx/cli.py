@@ -63,6 +63,7 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow_any_size", action="store_true",
                    help="accept sizes outside the task's official list (must still divide the stride)")
     p.add_argument("--attention", default=None, help="attention backend: sdpa, flash2, flash3, sage")
+    p.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles to bound memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +152,7 @@ def cmd_generate(args) -> int:
         offload = torch.cuda.is_available() and (device is None or device.type == "cuda")
     pipe = load_pipeline(layout.root, task=layout.spec.name, device=device, dtype=args.dtype,
                          offload_model=offload, t5_cpu=args.t5_cpu,
-                         convert_model_dtype=args.convert_model_dtype)
+                         convert_model_dtype=args.convert_model_dtype, vae_tiling=args.vae_tiling)
     load_s = time.perf_counter() - t0
     video = pipe.generate(prompt, negative_prompt=args.negative_prompt or None, image=args.image,
                           size=size, frame_num=args.frame_num, sample_steps=args.sample_steps,

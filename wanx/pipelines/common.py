@@ -32,6 +32,7 @@ class PipelineOptions:
     t5_cpu: bool = False  # encode text on the CPU
     convert_model_dtype: bool = False  # DiT in bf16
     batch_cfg: bool = True  # cond and uncond in one forward (same numbers, one pass)
+    vae_tiling: bool = False  # decode in overlapping spatial tiles (bounded memory at 720p)
 
 
 @dataclass
@@ -263,10 +264,19 @@ class WanPipeline:
                 m.to("cpu")
         return latent
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """[1, C, T, h, w] latent -> [3, F, H, W] video in [-1, 1]."""
+    def decode(self, latent: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """[1, C, T, h, w] latent -> [3, F, H, W] video in [-1, 1], streamed one latent frame at a time."""
+        tile = True if self.options.vae_tiling else None
+        bar = _progress_bar(progress, latent.shape[2], "decode")
+        chunks = []
         with torch.no_grad():
-            return self.vae.decode(latent.float())[0].float().cpu()
+            for chunk in self.vae.decode_stream(latent.float(), tile=tile):  # [1, 3, n, H, W]
+                chunks.append(chunk[0].float().cpu())
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+        return torch.cat(chunks, dim=1)  # [3, F, H, W]
 
     # ----------------------------------------------------------------------------------- main
     @torch.no_grad()
@@ -291,7 +301,7 @@ class WanPipeline:
             bar.close()
         timer.add("denoise", t0)
         t0 = time.perf_counter()
-        video = self.decode(latent)
+        video = self.decode(latent, progress=progress)
         timer.add("decode", t0)
         recipe = {"task": self.spec.name, **req.recipe(), "checkpoint": self.checkpoint,
                   "options": vars(self.options), "wanx_version": _version()}

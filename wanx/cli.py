@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="official .pth/.safetensors, diffusers folder or single file")
     conv.add_argument("dst", help="output .safetensors file (dit: output folder)")
     conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--num_heads", type=int, default=None,
+                      help="dit single files: head count when the width is not a multiple of 128")
     return parser
 
 
@@ -179,7 +181,7 @@ def cmd_convert(args) -> int:
     elif args.kind == "dit":
         from .loading.dit import load_dit, save_dit
 
-        save_dit(load_dit(args.src), dst, layout="official")
+        save_dit(load_dit(args.src, num_heads=args.num_heads), dst, layout="official")
     else:
         from .loading.t5 import load_t5, save_t5
 

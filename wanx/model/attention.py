@@ -83,17 +83,26 @@ def available_backends() -> list[str]:
     return out
 
 
-def _unavailable_reason(name: str, q: torch.Tensor) -> str | None:
-    """Why ``name`` cannot run on these tensors, or None when it can."""
+def _unavailable_reason(name: str, device: torch.device, head_dim: int) -> str | None:
+    """Why ``name`` cannot run on tensors of this device and head size, or None when it can."""
     if name in ("sdpa", "math"):
         return None
     if _import(_PACKAGES[name]) is None:
         return f"the {_PACKAGES[name]} package is not importable"
-    if q.device.type != "cuda":
-        return f"it needs CUDA tensors, got {q.device.type}"
-    if q.shape[-1] > 256:
-        return f"head_dim {q.shape[-1]} > 256"
+    if device.type != "cuda":
+        return f"it needs CUDA tensors, got {device.type}"
+    if head_dim > 256:
+        return f"head_dim {head_dim} > 256"
     return None
+
+
+def effective_backend(device: torch.device | str, head_dim: int, backend: str | None = None) -> str:
+    """The backend a call on ``device`` with ``head_dim`` would really run (after any fallback)."""
+    name = _check_name(backend) if backend is not None else get_attention_backend()
+    return "sdpa" if _unavailable_reason(name, torch.device(device), head_dim) is not None else name
+
+
+BIAS_BACKENDS = ("sdpa", "math")  # backends that accept an additive score bias
 
 
 def _key_mask(k_lens: torch.Tensor, lk: int, device: torch.device) -> torch.Tensor:
@@ -101,18 +110,20 @@ def _key_mask(k_lens: torch.Tensor, lk: int, device: torch.device) -> torch.Tens
     return (torch.arange(lk, device=device)[None, :] < k_lens.to(device)[:, None])[:, None, None, :]
 
 
-def _sdpa(q, k, v, k_lens):
+def _sdpa(q, k, v, k_lens, bias=None):
     # SDPA wants [B, H, L, D].
-    mask = None if k_lens is None else _key_mask(k_lens, k.shape[1], k.device)
+    mask = bias if k_lens is None else _key_mask(k_lens, k.shape[1], k.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask)  # [B, H, Lq, D]
     return out.transpose(1, 2)  # [B, Lq, H, D]
 
 
-def _math(q, k, v, k_lens):
-    """Reference: softmax(QK^T / sqrt(d)) V, explicitly, in float32."""
+def _math(q, k, v, k_lens, bias=None):
+    """Reference: softmax(QK^T / sqrt(d) + bias) V, explicitly, in float32."""
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, Lq, Lk]
+    if bias is not None:
+        scores = scores + bias.float()
     if k_lens is not None:
         scores = scores.masked_fill(~_key_mask(k_lens, k.shape[1], k.device), float("-inf"))
     out = scores.softmax(dim=-1) @ vf  # [B, H, Lq, D]
@@ -171,17 +182,23 @@ _IMPLS: dict[str, Callable] = {
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_lens: torch.Tensor | None = None,
-              backend: str | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Softmax attention over ``[B, L, H, D]`` tensors; ``k_lens [B]`` masks keys past each length.
 
-    q and k are cast to v's dtype (as the official code does); the result is ``[B, Lq, H, D]`` in v's dtype.
+    ``bias`` (``[B, 1, 1, Lk]``, added to the scaled scores) is accepted only by the backends in
+    :data:`BIAS_BACKENDS` and not together with ``k_lens``. q and k are cast to v's dtype (as the
+    official code does); the result is ``[B, Lq, H, D]`` in v's dtype.
     """
     name = _check_name(backend) if backend is not None else get_attention_backend()
-    reason = _unavailable_reason(name, q)
+    reason = _unavailable_reason(name, q.device, q.shape[-1])
     if reason is not None:
         if name not in _warned:
             _warned.add(name)
             logger.warning("attention backend %r unavailable (%s); falling back to sdpa", name, reason)
         name = "sdpa"
     q, k = q.to(v.dtype), k.to(v.dtype)
-    return _IMPLS[name](q, k, v, k_lens).to(v.dtype)
+    if bias is None:
+        return _IMPLS[name](q, k, v, k_lens).to(v.dtype)
+    if name not in BIAS_BACKENDS or k_lens is not None:
+        raise ValueError(f"a score bias needs one of {BIAS_BACKENDS} without k_lens (backend {name!r})")
+    return _IMPLS[name](q, k, v, None, bias.to(v.dtype)).to(v.dtype)

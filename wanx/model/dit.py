@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs import DiTConfig
-from .attention import attention
-from .rope import RopeCache, apply_rope
+from .attention import BIAS_BACKENDS, attention, effective_backend
+from .rope import RopeCache, apply_rope_c64
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -28,6 +28,18 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
     angles = torch.outer(pos, freqs)  # [N, dim/2]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # [N, dim]
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``normed * (1 + scale) + shift`` in float32, one pass over the activations."""
+    # parity: fp32 modulation, as the official (normed is cast up first).
+    return torch.addcmul(shift, normed.float(), 1 + scale)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + y * gate`` in float32 (the residual stream turns fp32 here), one pass."""
+    # parity: y and x are promoted to fp32 exactly as the official ``x + y * e`` promotes them.
+    return torch.addcmul(x.float(), y.float(), gate)
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +73,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # All-fp32: the fused kernel computes the same formula in one pass.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         # parity: normalise in fp32, cast back to x's dtype before the weight multiply.
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
@@ -80,8 +95,12 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                freqs: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, L, dim]`` (any float dtype) -> ``[B, L, dim]`` in the weight dtype."""
+                rope: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, L, dim]`` (any float dtype) -> ``[B, L, dim]`` in the weight dtype.
+
+        ``rope``: complex64 RoPE table for self-attention; ``bias [B, 1, 1, Lk]``: additive key bias.
+        """
         dtype = self.q.weight.dtype
         x = x.to(dtype)
         src = x if context is None else context.to(dtype)
@@ -89,9 +108,9 @@ class Attention(nn.Module):
         q = self.norm_q(self.q(x)).view(b, -1, n, d)  # [B, L, H, D]
         k = self.norm_k(self.k(src)).view(b, -1, n, d)  # [B, Lk, H, D]
         v = self.v(src).view(b, -1, n, d)  # [B, Lk, H, D]
-        if freqs is not None:
-            q, k = apply_rope(q, freqs), apply_rope(k, freqs)  # float32 [B, L, H, D]
-        out = attention(q, k, v)  # [B, L, H, D]
+        if rope is not None:
+            q, k = apply_rope_c64(q, rope), apply_rope_c64(k, rope)  # float32 [B, L, H, D]
+        out = attention(q, k, v, bias=bias)  # [B, L, H, D]
         return self.o(out.flatten(2))  # [B, L, dim]
 
 
@@ -112,16 +131,16 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
-                freqs: torch.Tensor) -> torch.Tensor:
+                rope: torch.Tensor, ctx_bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, L, dim]``, ``e0 [B, L or 1, 6, dim]`` fp32 -> ``[B, L, dim]`` fp32."""
         # parity: modulation in fp32 (bf16 parameter + fp32 e0 promotes to fp32).
         mods = (self.modulation.unsqueeze(0) + e0).unbind(2)  # 6 x [B, L or 1, dim]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
-        h = self.norm1(x).float() * (1 + scale_sa) + shift_sa  # parity: fp32 modulate
-        x = x + self.self_attn(h, freqs=freqs) * gate_sa  # parity: residual becomes fp32 here
-        x = x + self.cross_attn(self.norm3(x), context=context)
-        h = self.norm2(x).float() * (1 + scale_ff) + shift_ff  # parity: fp32 modulate
-        return x + self.ffn(h.to(self.ffn[0].weight.dtype)) * gate_ff
+        h = modulate(self.norm1(x), shift_sa, scale_sa)
+        x = gated_add(x, self.self_attn(h, rope=rope), gate_sa)  # parity: residual becomes fp32 here
+        x = x + self.cross_attn(self.norm3(x), context=context, bias=ctx_bias)
+        h = modulate(self.norm2(x), shift_ff, scale_ff)
+        return gated_add(x, self.ffn(h.to(self.ffn[0].weight.dtype)), gate_ff)
 
 
 class Head(nn.Module):
@@ -160,6 +179,8 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         # RoPE tables live outside the state dict, computed lazily per grid size.
         self.rope = RopeCache(cfg.head_dim)
+        # On CPU run a batch one sample at a time (see forward); False restores one batched pass.
+        self.cpu_sample_by_sample = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -179,6 +200,16 @@ class WanDiT(nn.Module):
             e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(2, (6, self.cfg.dim))
         return e, e0  # [B, Lt, dim], [B, Lt, 6, dim]
 
+    def _can_compact_text(self, x: torch.Tensor) -> bool:
+        """Text padding may be folded into a key bias: fp32 weights and a backend that takes a bias.
+
+        Not in bf16/fp16: log(m) rounded to 8 mantissa bits would shift the padding's softmax
+        weight by ~1%, more than the official bf16 path's own error. The flash/sage kernels take no bias.
+        """
+        if self.text_embedding[0].weight.dtype != torch.float32:
+            return False
+        return effective_backend(x.device, self.cfg.head_dim) in BIAS_BACKENDS
+
     @staticmethod
     def _timesteps(t: torch.Tensor, batch: int, num_tokens: int) -> torch.Tensor:
         """Normalise t to [B, 1] (one value per sample) or [B, L] (one per token)."""
@@ -191,15 +222,40 @@ class WanDiT(nn.Module):
             return t[:, :num_tokens].expand(batch, num_tokens)  # [B, L]
         raise ValueError(f"t must be [], [B] or [B, >=L] with B={batch}, L={num_tokens}; got {tuple(t.shape)}")
 
-    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
-        """Zero-pad ``context [B, L_ctx, text_dim]`` to ``text_len`` and embed -> ``[B, text_len, dim]``."""
+    def embed_text(self, context: torch.Tensor, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Zero-pad ``context [B, L_ctx, text_dim]`` to ``text_len`` and embed -> ``[B, Lk, dim]`` and a key bias.
+
+        All text_len positions are attended (no key mask), as the official model does. Every
+        zero row embeds to the same key and value, and ``m`` identical keys weigh in a softmax
+        exactly like one of them with ``log(m)`` added to its score. With ``compact`` the trailing
+        zero rows are therefore cut down to at least one per sample, and the returned bias
+        ``[B, 1, 1, Lk]`` gives each kept one ``log(zero rows it stands for)``: the same result
+        as attending all text_len rows, for the cost of the real tokens (bench/NOTES.md).
+        Without ``compact`` (or when nothing can be cut) ``Lk = text_len`` and the bias is None.
+        """
         b, n, c = context.shape
-        if n > self.cfg.text_len or c != self.cfg.text_dim:
-            raise ValueError(f"context must be [B, <={self.cfg.text_len}, {self.cfg.text_dim}], "
+        text_len = self.cfg.text_len
+        if n > text_len or c != self.cfg.text_dim:
+            raise ValueError(f"context must be [B, <={text_len}, {self.cfg.text_dim}], "
                              f"got {tuple(context.shape)}")
-        # All text_len positions are attended (no key mask), as the official model does.
-        context = F.pad(context.to(self.text_embedding[0].weight.dtype), (0, 0, 0, self.cfg.text_len - n))
-        return self.text_embedding(context)  # [B, text_len, dim]
+        context = context.to(self.text_embedding[0].weight.dtype)
+        bias = None
+        if compact:
+            # Real length of each sample = 1 + the last row with any nonzero entry.
+            nonzero = context.ne(0).any(dim=-1)  # [B, n]
+            lens = (nonzero * torch.arange(1, n + 1, device=context.device)).amax(dim=1)  # [B]
+            keep = min(text_len, int(lens.max()) + 1)  # at least one zero row stands for the padding
+            if keep < text_len:
+                context = F.pad(context, (0, 0, 0, keep - n)) if keep >= n else context[:, :keep]
+                pos = torch.arange(keep, device=context.device)  # [Lk]
+                kept_pad = (keep - lens).clamp(min=1)  # zero rows kept, per sample
+                # parity: fp32 log of an exact integer ratio; exp(s + log m) == m * exp(s).
+                weight = torch.log((text_len - lens).double() / kept_pad.double()).float()  # [B]
+                bias = torch.where(pos[None, :] >= lens[:, None], weight[:, None], 0.0)  # [B, Lk]
+                bias = bias[:, None, None, :]  # [B, 1, 1, Lk]
+                return self.text_embedding(context), bias
+        context = F.pad(context, (0, 0, 0, text_len - n))  # [B, text_len, text_dim]
+        return self.text_embedding(context), bias
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """``x [B, C_in, T, H, W]`` -> tokens ``[B, L, dim]`` (row-major t, h, w) and the token grid."""
@@ -221,14 +277,36 @@ class WanDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow velocity: ``x [B, C, T, H, W]`` -> float32 ``[B, out_dim, T, H, W]``."""
+        b = x.shape[0]
+        if b > 1 and x.device.type == "cpu" and self.cpu_sample_by_sample:
+            # CPU: a batch (e.g. batched CFG) gains nothing from bigger GEMMs on a few cores but
+            # doubles the activations; one sample per pass keeps peak memory at the batch-1 level
+            # and the working set small (bench/NOTES.md). Same numbers as the batched pass.
+            outs = [self._forward_batch(*_sample(i, b, x, t, context, y)) for i in range(b)]
+            return torch.cat(outs)  # [B, out_dim, T, H, W]
+        return self._forward_batch(x, t, context, y)
+
+    def _forward_batch(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                       y: torch.Tensor | None) -> torch.Tensor:
+        """The whole batch in one pass (see :meth:`forward`)."""
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, C + C_y, T, H, W]
         x, grid = self.patchify(x)  # [B, L, dim]
         e, e0 = self.embed_time(torch.as_tensor(t, device=x.device), x.shape[0], x.shape[1])
-        context = self.embed_text(context.to(x.device))
-        freqs = self.rope(grid, x.device)  # [L, head_dim/2] complex128
+        context, ctx_bias = self.embed_text(context.to(x.device), compact=self._can_compact_text(x))
+        rope = self.rope(grid, x.device)  # [L, 1, head_dim/2] complex64
         for block in self.blocks:
-            x = block(x, e0, context, freqs)
+            x = block(x, e0, context, rope, ctx_bias)
         with torch.autocast(x.device.type, enabled=False):
             x = self.head(x, e)  # [B, L, p*out_dim]
         return self.unpatchify(x, grid).float()
+
+
+def _sample(i: int, b: int, x, t, context, y):
+    """Sample ``i`` of a batch of ``b``: tensors with a batch axis are sliced, shared ones kept."""
+    def pick(v):
+        if v is None:
+            return None
+        v = torch.as_tensor(v)
+        return v[i:i + 1] if v.dim() >= 1 and v.shape[0] == b else v
+    return pick(x), pick(t), pick(context), pick(y)

@@ -204,9 +204,21 @@ class UMT5Encoder(nn.Module):
         return self.token_embedding.weight.device
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``ids [B, L]`` long, ``mask [B, L]`` (1 = token, 0 = padding; None = all tokens) -> ``[B, L, dim]``."""
+        """``ids [B, L]`` long, ``mask [B, L]`` (1 = token, 0 = padding; None = all tokens) -> ``[B, L, dim]``.
+
+        Trailing columns that are padding in every row are not computed (their outputs are zeros):
+        masked keys get zero softmax weight and the relative-position bias depends only on
+        offsets, so they cannot change a real token's output. A prompt padded to 512 tokens thus
+        costs its real length, not 512 (bench/NOTES.md).
+        """
+        full = ids.shape[1]
+        if mask is not None:
+            real = mask.ne(0).any(dim=0)  # [L]: column holds a token in some row
+            keep = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+            ids, mask = ids[:, :keep], mask[:, :keep]  # [B, keep]
         x = self.token_embedding(ids)  # [B, L, C]
         shared_bias = self.pos_embedding(ids.shape[1]) if self.pos_embedding is not None else None
         for block in self.blocks:
             x = block(x, mask, shared_bias)
-        return self.norm(x)
+        x = self.norm(x)
+        return F.pad(x, (0, 0, 0, full - x.shape[1])) if x.shape[1] < full else x  # [B, L, C]

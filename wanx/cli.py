@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_flags(sub.add_parser("generate", help="generate a video"))
+    from .train.cli import add_train_flags
+
+    add_train_flags(sub.add_parser("train", help="train the built-in demo model"))
     conv = sub.add_parser("convert", help="rewrite a checkpoint as safetensors with official key names")
     conv.add_argument("kind", choices=["dit", "vae", "t5"], help="which component")
     conv.add_argument("src", help="official .pth/.safetensors, diffusers folder or single file")
@@ -190,12 +193,18 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train.cli import cmd_train
+
+    return cmd_train(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"generate": cmd_generate, "convert": cmd_convert}
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train}
     try:
         return handlers[args.command](args)
     except (UsageError, FileExistsError) as e:

@@ -8,6 +8,7 @@ goes to bench/out/.
     python bench/demo_quality.py --ground-truth --degrade all --size 32 64   # analyser ceiling
     python bench/demo_quality.py --ckpt-dir PATH                             # a trained model
     python bench/demo_quality.py --ground-truth --strip bench/out/strip.png  # look at clips
+    python bench/demo_quality.py --ground-truth --vae-roundtrip --size 32       # the VAE ceiling
 
 ``--ground-truth`` scores rendered clips (optionally degraded), which is the analyser's ceiling
 and its validation; the default mode loads ``wanx.load_pipeline(ckpt_dir)`` (None: the built-in
@@ -55,9 +56,14 @@ def load_demo_pipeline(ckpt_dir: str | None = None):
         ) from exc
 
 
-def generate_clip(pipeline, caption: str, seed: int) -> np.ndarray:
-    """GENERATED MODE: one clip for ``caption`` from ``pipeline`` -> uint8 [F, H, W, 3]."""
-    frames = np.asarray(pipeline.generate(prompt=caption, seed=seed).frames)
+def generate_clip(pipeline, caption: str, seed: int, **overrides) -> np.ndarray:
+    """GENERATED MODE: one clip for ``caption`` from ``pipeline`` -> uint8 [F, H, W, 3].
+
+    ``overrides`` (guide_scale, sample_steps, sample_solver...) go to ``pipeline.generate``;
+    None values are dropped so the model's own defaults apply.
+    """
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    frames = np.asarray(pipeline.generate(prompt=caption, seed=seed, **kw).frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(
             f"pipeline returned frames {frames.dtype} {frames.shape}; expected uint8 [F, H, W, 3]"
@@ -206,19 +212,33 @@ def eval_captions(with_background: bool) -> list[str]:
     return [c for split in SPLITS for c in all_captions(split, with_background)]
 
 
+def vae_roundtrip(vae, frames: np.ndarray) -> np.ndarray:
+    """uint8 [F, H, W, 3] -> the same clip encoded and decoded by ``vae`` (the VAE's ceiling)."""
+    import torch
+
+    from wanx.train.data import from_model_output, to_model_input
+
+    with torch.no_grad():
+        video = to_model_input(frames)[None].to(vae.device)
+        return from_model_output(vae.decode(vae.encode(video))[0])
+
+
 def run_ground_truth(args) -> dict:
-    """Score rendered clips for every caption × seed, per size and degradation."""
+    """Score rendered clips for every caption × seed, per size and degradation (optionally after a
+    round trip through a model's VAE: ``--vae-roundtrip``)."""
     names = list(DEGRADATIONS) if args.degrade == ["all"] else args.degrade
     captions = eval_captions(args.with_background)
     results, payload = [], {"mode": "ground-truth", "runs": []}
+    vae = load_demo_pipeline(args.ckpt_dir).vae if args.vae_roundtrip else None
+    through = (lambda clip: vae_roundtrip(vae, clip)) if vae is not None else (lambda clip: clip)
     for size in args.size:
         for name in names:
             t0 = time.perf_counter()
-            items = ((ground_truth_clip(c, seed, size, args.frames, name), c)
+            items = ((through(ground_truth_clip(c, seed, size, args.frames, name)), c)
                      for c in captions for seed in range(args.seeds))
             rows = score_clips(items)
             summary = summarise(rows)
-            results.append((f"{size}px {name}", summary))
+            results.append((f"{size}px {name}" + (" via VAE" if vae is not None else ""), summary))
             payload["runs"].append({"size": size, "degrade": name, "summary": summary,
                                     "seconds": time.perf_counter() - t0, "rows": _clean_nan(rows)})
     payload["table"] = markdown_table(results)
@@ -232,9 +252,10 @@ def run_generated(args) -> dict:
     rows, t0 = [], time.perf_counter()
     for c in captions:
         for seed in range(args.seeds):
-            rows.append(score_clip(generate_clip(pipeline, c, seed), c))
+            rows.append(score_clip(generate_clip(pipeline, c, seed, **generate_overrides(args)), c))
     summary = summarise(rows)
-    return {"mode": "generated", "ckpt_dir": args.ckpt_dir, "summary": summary,
+    return {"mode": "generated", "ckpt_dir": args.ckpt_dir, "overrides": generate_overrides(args),
+            "summary": summary,
             "seconds_per_clip": (time.perf_counter() - t0) / max(len(rows), 1),
             "table": markdown_table([("generated", summary)]), "rows": _clean_nan(rows)}
 
@@ -248,7 +269,16 @@ def strip_clips(args) -> tuple[list[np.ndarray], list[str]]:
         return [ground_truth_clip(c, i, args.size[0], args.frames, name)
                 for i, c in enumerate(captions)], captions
     pipeline = load_demo_pipeline(args.ckpt_dir)
-    return [generate_clip(pipeline, c, i) for i, c in enumerate(captions)], captions
+    return [generate_clip(pipeline, c, i, **generate_overrides(args))
+            for i, c in enumerate(captions)], captions
+
+
+def generate_overrides(args) -> dict:
+    """Sampling settings given on the command line (None: the model's default)."""
+    guide = args.guide_scale
+    return {"guide_scale": None if guide is None else (guide[0] if len(guide) == 1 else tuple(guide)),
+            "sample_steps": args.sample_steps, "sample_solver": args.sample_solver,
+            "sample_shift": args.sample_shift}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -263,6 +293,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--with-background", action="store_true",
                    help="use captions naming the background (also scores it)")
     p.add_argument("--ckpt-dir", default=None, help="model folder (default: built-in demo model)")
+    p.add_argument("--vae-roundtrip", action="store_true",
+                   help="ground truth: pass each clip through the model's VAE (its ceiling)")
+    p.add_argument("--guide-scale", type=float, nargs="+", default=None,
+                   help="CFG scale (one value, or low high) instead of the model's default")
+    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--sample-shift", type=float, default=None)
+    p.add_argument("--sample-solver", default=None, choices=["unipc", "dpm++", "euler"])
     p.add_argument("--strip", default=None, help="also write a PNG filmstrip of a few clips here")
     p.add_argument("--out", default=None, help="JSON name under bench/out/ (default by mode)")
     return p.parse_args(argv)

@@ -1,0 +1,209 @@
+"""The demo-model trainer (wanx.train.demo) at smoke size: learning, exact resume, export round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wanx.train.demo import (
+    EMA,
+    DemoRecipe,
+    Logger,
+    _vae_loss,
+    build_cache,
+    encode_captions,
+    flow_matching_loss,
+    init_dit,
+    init_vae,
+    render_batch,
+    run_demo,
+    sample_sigmas,
+    train_dit,
+    train_vae,
+    write_loss_curve,
+)
+
+SMOKE = DemoRecipe.smoke()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One full smoke run (every stage) shared by the tests below."""
+    root = tmp_path_factory.mktemp("demo")
+    summary = run_demo(SMOKE, root / "out", root / "work", seed=0, progress=False)
+    return root, summary
+
+
+def test_vae_steps_reduce_loss_on_a_fixed_batch():
+    from wanx.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = init_vae(WanVAE(SMOKE.vae_config()))
+    video, mask, _ = render_batch(np.random.default_rng(0), 2, SMOKE)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for i in range(15):
+        loss, recon = _vae_loss(vae, video, mask, SMOKE, torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(recon.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_vae_init_keeps_the_input_in_the_latent():
+    """With PyTorch's default init a tiny VAE maps every clip to nearly the same latent (training
+    then plateaus on backgrounds); init_vae must make black and white clips encode far apart."""
+    from wanx.vae import WanVAE
+
+    torch.manual_seed(0)
+    black, white = -torch.ones(1, 3, 5, 16, 16), torch.ones(1, 3, 5, 16, 16)
+    with torch.no_grad():
+        default = WanVAE(SMOKE.vae_config())
+        ours = init_vae(WanVAE(SMOKE.vae_config()))
+        gap = {name: (m.encode(white) - m.encode(black)).std() / m.encode(white).std()
+               for name, m in (("default", default), ("ours", ours))}
+    assert gap["ours"] > 1.0 > gap["default"], gap
+
+
+def test_dit_steps_reduce_loss_on_a_fixed_batch(tmp_path):
+    from wanx.model import WanDiT
+    from wanx.text import Tokenizer, UMT5Encoder
+    from wanx.train.vocab import save_demo_tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_folder(save_demo_tokenizer(tmp_path), text_len=SMOKE.text_len)
+    t5 = UMT5Encoder(SMOKE.t5_config(tok.vocab_size))
+    dit = init_dit(WanDiT(SMOKE.dit_config()))
+    x0 = torch.randn(4, 16, 2, 2, 2)
+    sigma = torch.tensor([0.2, 0.4, 0.6, 0.9])
+    captions = ["a red circle moving left", "a blue square moving up", "", "a green triangle moving down"]
+    opt = torch.optim.Adam([*dit.parameters(), *t5.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(20):
+        ctx = encode_captions(t5, tok, captions, SMOKE.text_len, "cpu")
+        loss = flow_matching_loss(dit, x0, sigma, ctx, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_sigma_sampling_respects_expert_ranges():
+    g = torch.Generator().manual_seed(0)
+    high = sample_sigmas(g, 256, 2.0, 0.7, 1.0)
+    low = sample_sigmas(g, 256, 2.0, 0.0, 0.7)
+    assert high.min() >= 0.7 and high.max() <= 1.0 and low.max() < 0.7 and low.min() >= 0.0
+    allsig = sample_sigmas(g, 4096, 2.0)
+    # shift 2 pushes the logit-normal's median 0.5 up to 2/3
+    assert abs(allsig.median().item() - 2 / 3) < 0.03
+
+
+def test_ema_tracks_weights():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    for _ in range(50):
+        ema.update(m)
+    assert torch.allclose(ema.shadow["weight"], torch.ones(2, 2), atol=1e-4)
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vae_resume_is_exact(tmp_path):
+    recipe = DemoRecipe(**{**SMOKE.__dict__, "vae_steps": 6})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full, _, _ = train_vae(recipe, tmp_path / "a", 0, torch.device("cpu"), 0, False,
+                           Logger(tmp_path / "a.jsonl"), progress=False)
+    log = Logger(tmp_path / "b.jsonl")
+    train_vae(recipe, tmp_path / "b", 0, torch.device("cpu"), 0, False, log, progress=False, stop_at=3)
+    resumed, steps, _ = train_vae(recipe, tmp_path / "b", 0, torch.device("cpu"), 0, True, log, progress=False)
+    assert steps == 6
+    assert _states_equal(full.state_dict(), resumed.state_dict())
+
+
+def test_dit_resume_is_exact_across_the_expert_fork(tmp_path):
+    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.vae import WanVAE
+
+    recipe = DemoRecipe(**{**SMOKE.__dict__, "dit_steps": 6, "clips": 8})
+    torch.manual_seed(0)
+    cache = build_cache(WanVAE(recipe.vae_config()).eval(), recipe, seed=0)
+    tok_dir = tmp_path / "tok"
+    save_demo_tokenizer(tok_dir)
+    runs = {}
+    for name, stops in (("full", [None]), ("resumed", [2, 4, None])):  # fork happens at step 3
+        work = tmp_path / name
+        work.mkdir()
+        for i, stop in enumerate(stops):
+            runs[name] = train_dit(recipe, cache, tok_dir, work, 0, torch.device("cpu"), 0, resume=i > 0,
+                                   log=Logger(work / "log.jsonl"), progress=False, stop_at=stop)
+    a, b = runs["full"], runs["resumed"]
+    assert a["step"] == b["step"] == 6
+    assert _states_equal(a["t5"].state_dict(), b["t5"].state_dict())
+    for ea, eb in zip(a["experts"], b["experts"]):
+        assert _states_equal(ea.state_dict(), eb.state_dict())
+    # the two experts really are different models after the fork
+    assert not _states_equal(a["experts"][0].state_dict(), a["experts"][1].state_dict())
+
+
+def test_smoke_run_exports_a_loadable_folder_and_generates(smoke_run):
+    import wanx
+    from wanx.loading.layout import find_checkpoint
+
+    root, summary = smoke_run
+    out = root / "out"
+    assert set(summary["stages"]) == {"vae", "stats", "cache", "dit", "export"}
+    layout = find_checkpoint(out)
+    assert layout.kind == "official" and layout.spec.name == "t2v-A14B"
+    meta = json.loads((out / "wanx.json").read_text())
+    assert meta["task"]["negative_prompt"] == "" and meta["task"]["default_size"] == "16*16"
+    assert meta["vae"]["latents_std"] == pytest.approx(summary["stages"]["stats"]["std"])
+    pipe = wanx.load_pipeline(out)
+    assert len(pipe.experts) == 2
+    video = pipe.generate("a red circle moving left", seed=1)
+    assert video.frames.shape == (SMOKE.frames, 16, 16, 3)
+    assert video.metadata["negative_prompt"] == ""
+    # the same seed gives the same clip
+    again = pipe.generate("a red circle moving left", seed=1)
+    assert np.array_equal(video.frames, again.frames)
+
+
+def test_exported_weights_are_the_trained_ema_weights(smoke_run):
+    from wanx.loading.dit import load_dit
+
+    root, _ = smoke_run
+    state = torch.load(root / "work" / "dit_ckpt.pt", weights_only=False)
+    loaded = load_dit(root / "out" / "high_noise_model")
+    shadow = state["emas"]["high"]["shadow"]
+    assert all(torch.equal(loaded.state_dict()[k].float(), shadow[k].float()) for k in shadow)
+
+
+def test_loss_curve_png(smoke_run, tmp_path):
+    from PIL import Image
+
+    root, _ = smoke_run
+    rows = [json.loads(line) for line in (root / "work" / "log.jsonl").read_text().splitlines()]
+    assert {r.get("expert") for r in rows if r["stage"] == "dit"} >= {"high", "low"}
+    png = write_loss_curve(root / "work" / "log.jsonl", tmp_path / "loss.png")
+    assert Image.open(png).size == (900, 360)
+
+
+def test_cli_flags_and_resume_skip_finished_stages(smoke_run, capsys):
+    from wanx.train.cli import main
+
+    root, _ = smoke_run
+    # everything is finished: --resume reuses the VAE and cache and continues the DiT from its checkpoint
+    assert main(["demo", "--smoke", "--resume", "--no-progress", "--work", str(root / "work"),
+                 "--out", str(root / "out2")]) == 0
+    assert (root / "out2" / "wanx.json").is_file()
+    text = capsys.readouterr().out
+    assert "dit" in text and "export" in text

@@ -34,7 +34,27 @@ def middle(dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout))
 
 
-class Encoder21(nn.Module):
+class CausalEncoder(nn.Module):
+    """conv1 -> downsamples -> middle -> head, sharing one causal cache (both VAE versions)."""
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.downsamples, x, cache)
+        x = _run(self.middle, x, cache)
+        return self.head(x, cache)
+
+
+class CausalDecoder(nn.Module):
+    """conv1 -> middle -> upsamples -> head, sharing one causal cache (both VAE versions)."""
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        x = _run(self.middle, x, cache)
+        x = _run(self.upsamples, x, cache)
+        return self.head(x, cache)
+
+
+class Encoder21(CausalEncoder):
     """Pixels [B,3,T,H,W] -> [B,2z,T',H/8,W/8] (mean and log-variance), one chunk at a time."""
 
     def __init__(self, cfg: VAEConfig, in_channels: int = 3):
@@ -57,14 +77,8 @@ class Encoder21(nn.Module):
         self.middle = middle(dims[-1], cfg.dropout)
         self.head = Head(dims[-1], cfg.z_dim * 2)
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        x = _run(self.downsamples, x, cache)
-        x = _run(self.middle, x, cache)
-        return self.head(x, cache)
 
-
-class Decoder21(nn.Module):
+class Decoder21(CausalDecoder):
     """Latents [B,z,T,h,w] -> pixels [B,3,T',8h,8w], one latent frame per chunk."""
 
     def __init__(self, cfg: VAEConfig, out_channels: int = 3):
@@ -92,9 +106,3 @@ class Decoder21(nn.Module):
                 scale *= 2.0
         self.upsamples = nn.Sequential(*layers)
         self.head = Head(dims[-1], out_channels)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        x = _run(self.middle, x, cache)
-        x = _run(self.upsamples, x, cache)
-        return self.head(x, cache)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..configs import VAEConfig
 from .causal import CausalCache, CausalConv3d, Resample, ResidualBlock
-from .wan21 import Head, _run, middle
+from .wan21 import CausalDecoder, CausalEncoder, Head, _run, middle
 
 PATCH = 2
 
@@ -129,7 +129,7 @@ class UpBlock(nn.Module):
         return y + self.avg_shortcut(x, first_chunk=first)
 
 
-class Encoder22(nn.Module):
+class Encoder22(CausalEncoder):
     """Patchified pixels [B,12,T,H/2,W/2] -> [B,2z,T',H/16,W/16]."""
 
     def __init__(self, cfg: VAEConfig, in_channels: int = 3 * PATCH * PATCH):
@@ -145,14 +145,8 @@ class Encoder22(nn.Module):
         self.middle = middle(dims[-1], cfg.dropout)
         self.head = Head(dims[-1], cfg.z_dim * 2)
 
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        x = _run(self.downsamples, x, cache)
-        x = _run(self.middle, x, cache)
-        return self.head(x, cache)
 
-
-class Decoder22(nn.Module):
+class Decoder22(CausalDecoder):
     """Latents [B,z,T,h,w] -> patchified pixels [B,12,T',8h,8w] (unpatchify gives 16x)."""
 
     def __init__(self, cfg: VAEConfig, out_channels: int = 3 * PATCH * PATCH):
@@ -168,9 +162,3 @@ class Decoder22(nn.Module):
                     temporal=tup[i] if i < len(tup) else False, up=i != last)
             for i, (i_d, o_d) in enumerate(zip(dims[:-1], dims[1:]))])
         self.head = Head(dims[-1], out_channels)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        x = _run(self.middle, x, cache)
-        x = _run(self.upsamples, x, cache)
-        return self.head(x, cache)

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="bench/out/work", help="where checkpoint folders are written")
     p.add_argument("--profile", default=None, choices=["wanx", "ref"], help="print a torch.profiler table "
                    "of one DiT step instead of benchmarking")
+    p.add_argument("--compile", action="store_true", help="dit: also time wanx with torch.compile'd blocks")
     p.add_argument("--layers", type=int, default=None, help="override the DiT layer count (quicker ablations)")
     p.add_argument("--baseline-pkg", default=None, help="importable older wanx package timed in 'ablate'")
     p.add_argument("--mem-child", nargs=2, metavar=("PART", "IMPL"), help=argparse.SUPPRESS)
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 from . import pipeline
                 rows = pipeline.run(size, args.repeats, device, mem, workdir)
+            elif part == "dit":
+                from . import dit
+                rows = dit.run(size, args.repeats, device, mem, compile=args.compile)
             else:
                 mod = importlib.import_module(f"bench.{part}")
                 rows = mod.run(size, args.repeats, device, mem)

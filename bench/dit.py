@@ -109,6 +109,7 @@ def count_flops(cfg: DiTConfig, tokens: int, ctx_len: int | None = None, batch: 
     Counts: patch embedding, text embedding, per block the self-attention projections (q, k, v, o),
     QK^T and PV, the cross-attention projections (q, o on video tokens; k, v on the text), its QK^T
     and PV, the FFN, and the head. Elementwise work (norms, RoPE, softmax, GELU) is not counted.
+    ``ctx_len`` is the number of text rows each forward processes (default: all ``text_len``).
     """
     L, d, f = tokens, cfg.dim, cfg.ffn_dim
     lc = cfg.text_len if ctx_len is None else ctx_len
@@ -118,27 +119,57 @@ def count_flops(cfg: DiTConfig, tokens: int, ctx_len: int | None = None, batch: 
                  + 2 * L * d * d + 2 * lc * d * d  # cross q, o (video) and k, v (text)
                  + 2 * L * lc * d  # cross QK^T and PV
                  + 2 * L * d * f)  # FFN
-    macs = (cfg.num_layers * per_block + L * cfg.in_dim * p * d + cfg.text_len * (cfg.text_dim * d + d * d)
+    macs = (cfg.num_layers * per_block + L * cfg.in_dim * p * d + lc * (cfg.text_dim * d + d * d)
             + L * d * cfg.out_dim * p)
     return 2.0 * macs * batch
 
 
-def run(size: Size, repeats: int, device: str, mem: bool) -> list[dict[str, Any]]:
+def flop_counts(size: Size) -> dict[str, Any]:
+    """Matmul FLOPs of one guided step as each side runs it, and their ratio (the "FLOP floor").
+
+    diffusers processes all ``text_len`` (512) text rows in both forwards; wanx folds each context's
+    zero padding into one key (``WanDiT.embed_text``), i.e. real length + 1 rows. At equal FLOP/s
+    wanx/diffusers time cannot go below ``flop_floor_ratio`` without changing the numbers.
+    """
+    cfg = size.dit
+    compacts = size.dtype == torch.float32  # as WanDiT._can_compact_text: fp32 weights only
+    rows = [min(n + 1, cfg.text_len) if compacts else cfg.text_len for n in size.ctx_lens]
+    wanx = sum(count_flops(cfg, size.tokens, ctx_len=n, batch=1) for n in rows)
+    ref = count_flops(cfg, size.tokens)
+    return {"flops_per_step": {"wanx": wanx, "ref": ref}, "flop_floor_ratio": wanx / ref}
+
+
+def compiled_twin(model: WanDiT) -> WanDiT:
+    """A second WanDiT on the same weight tensors with ``compile_blocks()`` applied."""
+    with torch.device("meta"):
+        twin = WanDiT(model.cfg)
+    twin.load_state_dict(model.state_dict(), strict=True, assign=True)
+    return twin.eval().compile_blocks()
+
+
+def run(size: Size, repeats: int, device: str, mem: bool, compile: bool = False) -> list[dict[str, Any]]:
     model = build_wanx(size, device)
     ref = build_diffusers_sharing(model)
     latent, t, ctx, ctx_null = make_inputs(size, device)
     ours, theirs = wanx_step(model), diffusers_step(ref, size.dit.text_len)
     a, b = ours(latent, t, ctx, ctx_null), theirs(latent, t, ctx, ctx_null)
     err = rel_err(a, b)
-    times = interleaved({"wanx": lambda: ours(latent, t, ctx, ctx_null),
-                         "ref": lambda: theirs(latent, t, ctx, ctx_null)},
-                        repeats=repeats, warmup=0 if size.name == "medium" else 1, device=device)
+    fns = {"wanx": lambda: ours(latent, t, ctx, ctx_null), "ref": lambda: theirs(latent, t, ctx, ctx_null)}
+    rows = []
+    if compile:  # timed in the same interleaved run; its first call (compilation) is not timed
+        compiled = wanx_step(compiled_twin(model))
+        out = compiled(latent, t, ctx, ctx_null)
+        fns["wanx+compile"] = lambda: compiled(latent, t, ctx, ctx_null)
+        rows.append(("wanx+compile", rel_err(out, b)))
+    times = interleaved(fns, repeats=repeats, warmup=0 if size.name == "medium" else 1, device=device)
     row = {"size": size.name, "what": f"DiT step + CFG ({size.tokens} tok, ctx {size.ctx_lens})", "ref_impl": "diffusers",
-           "max_rel_diff": err, **summarize(times)}
-    flops = count_flops(size.dit, size.tokens)
-    row["flops_per_step"] = flops
-    row["tflops_achieved"] = {k: flops / v / 1e12 for k, v in row["median_s"].items()}
-    rows = [row]
+           "max_rel_diff": err, **summarize({k: times[k] for k in ("wanx", "ref")})}
+    row.update(flop_counts(size))
+    row["tflops_achieved"] = {k: row["flops_per_step"][k] / v / 1e12 for k, v in row["median_s"].items()}
+    extra = [{"size": size.name, "what": f"DiT step + CFG, {name} (blocks)", "ref_impl": "diffusers",
+              "max_rel_diff": diff, **summarize({"wanx": times[name], "ref": times["ref"]})}
+             for name, diff in rows]
+    rows = [row, *extra]
     del model, ref
     if mem:
         row["memory"] = {impl: peak_memory("dit", impl, size.name) for impl in ("wanx", "ref")}

@@ -81,3 +81,21 @@ def test_unknown_task_is_rejected_by_the_parser(capsys):
 def test_missing_checkpoint_folder_is_named(tmp_path, no_loading, capsys):
     rc = cli.main(["generate", "x", "--ckpt_dir", str(tmp_path / "nope")])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_speed_and_memory_flags_reach_load_pipeline(ckpt, tmp_path, monkeypatch):
+    """--compile, --vae_tiling, --t5_cpu and --offload_model are passed on to load_pipeline."""
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(wanx, "load_pipeline", capture)
+    with pytest.raises(Loaded):
+        cli.main(["generate", "a cat", "--ckpt_dir", str(ckpt), "--compile", "--vae_tiling", "--t5_cpu",
+                  "--offload_model", "True", "--save_file", str(tmp_path / "x.mp4")])
+    assert seen["compile"] and seen["vae_tiling"] and seen["t5_cpu"] and seen["offload_model"]

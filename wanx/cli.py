@@ -64,6 +64,8 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
                    help="accept sizes outside the task's official list (must still divide the stride)")
     p.add_argument("--attention", default=None, help="attention backend: sdpa, flash2, flash3, sage")
     p.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles to bound memory")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (slower first step, faster after; needs a C++ compiler on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +159,8 @@ def cmd_generate(args) -> int:
         offload = torch.cuda.is_available() and (device is None or device.type == "cuda")
     pipe = load_pipeline(layout.root, task=layout.spec.name, device=device, dtype=args.dtype,
                          offload_model=offload, t5_cpu=args.t5_cpu,
-                         convert_model_dtype=args.convert_model_dtype, vae_tiling=args.vae_tiling)
+                         convert_model_dtype=args.convert_model_dtype, vae_tiling=args.vae_tiling,
+                         compile=args.compile)
     load_s = time.perf_counter() - t0
     video = pipe.generate(prompt, negative_prompt=args.negative_prompt or None, image=args.image,
                           size=size, frame_num=args.frame_num, sample_steps=args.sample_steps,

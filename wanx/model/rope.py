@@ -63,8 +63,21 @@ def apply_rope_c64(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # of the memory traffic of the complex128 path (no float64 copy of q and k).
     """
     b, l, h, d = x.shape
+    if torch.compiler.is_compiling():
+        return _rotate_real(x, table)
     xc = torch.view_as_complex(x.float().reshape(b, l, h, d // 2, 2))  # [B, L, H, D/2]
     return torch.view_as_real(xc * table).reshape(b, l, h, d)  # [B, L, H, D]
+
+
+def _rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope_c64` in real arithmetic (inductor generates no code for complex ops, so
+    under ``torch.compile`` this form fuses into one pass). Same products as the complex multiply:
+    (a + ib)(c + is) = (ac - bs) + i(as + bc)."""
+    b, l, h, d = x.shape
+    pairs = x.float().reshape(b, l, h, d // 2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]  # [B, L, H, D/2]
+    cos, sin = table.real, table.imag  # [L, 1, D/2]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).reshape(b, l, h, d)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

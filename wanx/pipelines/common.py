@@ -33,6 +33,7 @@ class PipelineOptions:
     convert_model_dtype: bool = False  # DiT in bf16
     batch_cfg: bool = True  # cond and uncond in one forward (same numbers, one pass)
     vae_tiling: bool = False  # decode in overlapping spatial tiles (bounded memory at 720p)
+    compile: bool = False  # torch.compile the DiT blocks (first step pays the compile time)
 
 
 @dataclass
@@ -91,6 +92,9 @@ class WanPipeline:
         self.device = torch.device(device)
         self.options = options or PipelineOptions()
         self.checkpoint = checkpoint or {}
+        if self.options.compile:
+            for expert in {id(e): e for e in self.experts}.values():
+                expert.compile_blocks()
 
     # ----------------------------------------------------------------------------------- checks
     @property

@@ -67,7 +67,7 @@ def _load_experts(layout: CheckpointLayout, dtype: torch.dtype, device: torch.de
 
 def load_pipeline(ckpt_dir=None, task: str | None = None, device=None, dtype=None, *,
                   offload_model: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
-                  batch_cfg: bool = True, vae_tiling: bool = False) -> WanPipeline:
+                  batch_cfg: bool = True, vae_tiling: bool = False, compile: bool = False) -> WanPipeline:
     """Load every component of ``ckpt_dir`` (None: the built-in demo model) for ``task``.
 
     ``dtype`` is the DiT and text-encoder compute dtype (default float32 on CPU, bfloat16 on CUDA);
@@ -81,7 +81,7 @@ def load_pipeline(ckpt_dir=None, task: str | None = None, device=None, dtype=Non
     dit_dtype = torch.bfloat16 if convert_model_dtype else dtype
     options = PipelineOptions(offload_model=offload_model, t5_cpu=t5_cpu,
                               convert_model_dtype=convert_model_dtype, batch_cfg=batch_cfg,
-                              vae_tiling=vae_tiling)
+                              vae_tiling=vae_tiling, compile=compile)
     text_encoder = _load_text_encoder(layout, dtype)
     vae = _load_vae(layout, device)
     experts = _load_experts(layout, dit_dtype, device, offload_model)

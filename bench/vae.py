@@ -12,6 +12,7 @@ live memory for both implementations.
 
     python bench/vae.py                          # 2.1 and 2.2, 17x256x256, encode + decode
     python bench/vae.py --version 2.2 --frames 5 --size 128 --ops decode
+    python bench/vae.py --flops --frames 9 --size 64    # counted FLOPs of both (the "FLOP floor")
 """
 
 from __future__ import annotations
@@ -134,6 +135,29 @@ def worker(args) -> None:
                           shape=list(out.shape))))
 
 
+def flop_counts(version: str, frames: int, size: int, op: str) -> dict:
+    """FLOPs (torch's FlopCounterMode: convs and matmuls) of one op in each implementation.
+
+    wanx/diffusers of these counts is the lowest time ratio reachable at equal FLOP/s without
+    changing the numbers; wanx's count is lower by the sub-pixel upsampling and the skipped
+    zero-padding taps of the first causal chunk.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    video, latents = inputs(version, frames, size, 0)
+    ours, (ref, _) = build_wanx(version, 0), build_diffusers(version, 0)
+    calls = {"wanx": (lambda: ours.encode(video)) if op == "encode" else (lambda: ours.decode(latents)),
+             "diffusers": (lambda: ref.encode(video).latent_dist.mode()) if op == "encode"
+             else (lambda: ref.decode(latents).sample)}
+    counts = {}
+    for impl, call in calls.items():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call()
+        counts[impl] = counter.get_total_flops()
+    return dict(version=version, op=op, frames=frames, size=size, wanx_gflop=counts["wanx"] / 1e9,
+                diffusers_gflop=counts["diffusers"] / 1e9, floor_ratio=counts["wanx"] / counts["diffusers"])
+
+
 def run_one(args, impl: str, op: str, tmp: Path) -> dict:
     save = tmp / f"{impl}_{op}_{args_key(args)}.pt"
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--op", op, "--save", str(save),
@@ -165,6 +189,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="wanx compute dtype")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/out/vae-<time>.json)")
+    p.add_argument("--flops", action="store_true", help="count FLOPs of both instead of timing")
     # internal: one measurement in a subprocess
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["wanx", "diffusers"], help=argparse.SUPPRESS)
@@ -177,6 +202,15 @@ def main(argv=None) -> None:
 
     versions = ["2.1", "2.2"] if args.version == "both" else [args.version]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    if args.flops:
+        torch.set_num_threads(args.threads)
+        print("| VAE | op | clip | wanx GFLOP | diffusers GFLOP | FLOP floor (wanx/diffusers) |\n|---|---|---|---|---|---|")
+        for version in versions:
+            for op in ops:
+                r = flop_counts(version, args.frames, args.size, op)
+                print(f"| {version} | {op} | {args.frames}x{args.size}x{args.size} | {r['wanx_gflop']:.1f} | "
+                      f"{r['diffusers_gflop']:.1f} | {r['floor_ratio']:.3f} |", flush=True)
+        return None
     load = os.getloadavg()[0]
     print(f"Wan VAE bench: {args.frames}x{args.size}x{args.size}, {args.threads} threads, wanx {args.dtype}, "
           f"load avg {load:.1f} on {os.cpu_count()} CPUs; peak = RSS high-water mark during the op minus RSS before")

@@ -161,7 +161,7 @@ def test_smoke_run_exports_a_loadable_folder_and_generates(smoke_run):
 
     root, summary = smoke_run
     out = root / "out"
-    assert set(summary["stages"]) == {"vae", "stats", "cache", "dit", "export"}
+    assert set(summary["stages"]) == {"vae", "decoder", "stats", "cache", "dit", "export"}
     layout = find_checkpoint(out)
     assert layout.kind == "official" and layout.spec.name == "t2v-A14B"
     meta = json.loads((out / "wanx.json").read_text())
@@ -207,3 +207,31 @@ def test_cli_flags_and_resume_skip_finished_stages(smoke_run, capsys):
     assert (root / "out2" / "wanx.json").is_file()
     text = capsys.readouterr().out
     assert "dit" in text and "export" in text
+
+
+def test_decoder_finetuning_keeps_the_encoder_and_resumes_exactly(tmp_path):
+    """The decoder stage changes conv2/decoder only (so cached latents stay valid) and resumes exactly."""
+    from wanx.train.demo import finetune_decoder, init_vae
+    from wanx.vae import WanVAE
+
+    recipe = DemoRecipe(**{**SMOKE.__dict__, "decoder_steps": 4})
+    torch.manual_seed(0)
+    base = init_vae(WanVAE(recipe.vae_config()))
+    runs = {}
+    for name, stops in (("full", [None]), ("resumed", [2, None])):
+        work = tmp_path / name
+        work.mkdir()
+        vae = WanVAE(recipe.vae_config())
+        vae.load_state_dict(base.state_dict())
+        for i, stop in enumerate(stops):
+            vae, steps, _ = finetune_decoder(vae, recipe, work, 0, torch.device("cpu"), resume=i > 0,
+                                             log=Logger(work / "log.jsonl"), progress=False, stop_at=stop)
+        runs[name] = vae
+        assert steps == 4
+    full = runs["full"].state_dict()
+    assert _states_equal(full, runs["resumed"].state_dict())
+    before = base.state_dict()
+    for key in before:
+        same = torch.equal(before[key], full[key])
+        assert same == (not key.startswith(("conv2.", "decoder."))), key
+    assert all(p.requires_grad for p in runs["full"].parameters())  # left trainable again

@@ -30,7 +30,7 @@ from .data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, parse_caption_full
 
 # Below this 99th-percentile RGB distance from the background there is no object to speak of.
 MIN_OBJECT_CONTRAST = 40.0
-# A displacement under this fraction of the frame is "static" (training motions travel >= 31%).
+# A displacement under this fraction of the frame is "static" (training motions travel >= 25%).
 STATIC_THRESHOLD = 0.08
 # A background farther than this from every palette background is reported as "other".
 BACKGROUND_TOLERANCE = 80.0

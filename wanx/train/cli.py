@@ -21,11 +21,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE optimiser steps (default: recipe)")
+    p.add_argument("--decoder-steps", type=int, default=None,
+                   help="decoder fine-tuning steps, encoder frozen (default: recipe; 0 skips the stage)")
     p.add_argument("--dit-steps", type=int, default=None, help="DiT optimiser steps (default: recipe)")
     p.add_argument("--minutes-vae", type=float, default=0.0, help="wall-time cap of the VAE stage (0: none)")
     p.add_argument("--minutes-dit", type=float, default=0.0, help="wall-time cap of the DiT stage (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
-    p.add_argument("--stop-after", default="export", choices=["vae", "stats", "cache", "dit", "export"],
+    p.add_argument("--stop-after", default="export", choices=["vae", "decoder", "stats", "cache", "dit", "export"],
                    help="stop after this stage")
     p.add_argument("--smoke", action="store_true", help="seconds-sized recipe (16 px, 5 frames) for tests")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -40,7 +42,8 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = DemoRecipe.smoke() if args.smoke else DemoRecipe.full()
-    over = {k: v for k, v in (("vae_steps", args.vae_steps), ("dit_steps", args.dit_steps)) if v is not None}
+    over = {k: v for k, v in (("vae_steps", args.vae_steps), ("decoder_steps", args.decoder_steps),
+                              ("dit_steps", args.dit_steps)) if v is not None}
     recipe = recipe.__class__(**{**recipe.__dict__, **over})
     summary = run_demo(recipe, Path(args.out), Path(args.work), seed=args.seed, device=args.device,
                        minutes_vae=args.minutes_vae, minutes_dit=args.minutes_dit, resume=args.resume,

@@ -345,3 +345,28 @@ def test_bfloat16_runs_close_to_fp32(tiny):
         yb = half.decode(z)
     assert zb.dtype == torch.float32 and yb.dtype == torch.float32
     assert rel_err(zb, z) < 0.1 and (yb - y).abs().mean() < 0.05
+
+
+def test_onednn_conv3d_and_square_sum_norm_match_the_reference_ops(monkeypatch):
+    """The CPU fast paths (direct oneDNN conv3d at batch 1, square-sum RMS norm) compute the same
+    values as F.conv3d / F.normalize, and training (grad) keeps the autograd-friendly ops."""
+    from wanx.vae.causal import RMSNorm, conv3d
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 4, 12, 10)
+    w, b = torch.randn(6, 8, 3, 3, 3), torch.randn(6)
+    for stride, padding in ((1, (0, 1, 1)), ((1, 2, 2), 0)):
+        want = F.conv3d(x, w, b, stride, padding)
+        with torch.no_grad():
+            got = conv3d(x, w, b, stride, padding)
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+    wg = w.clone().requires_grad_(True)
+    conv3d(x, wg, b, 1, 1).sum().backward()  # autograd path
+    assert wg.grad is not None
+    norm = RMSNorm(8)
+    want = F.normalize(x, dim=1) * 8**0.5
+    small = norm(x)
+    monkeypatch.setattr(RMSNorm, "SQUARE_SUM_ELEMENTS", 0)  # force the vector_norm branch
+    big = norm(x)
+    for got in (small, big):
+        assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-6

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs import VAEConfig
-from .causal import CausalCache, CausalConv3d
+from .causal import CausalCache, CausalConv3d, conv3d
 from .tiling import Blender, TileSpec, resolve, spans
 from .wan21 import Decoder21, Encoder21
 from .wan22 import Decoder22, Encoder22, patchify, unpatchify
@@ -110,7 +110,7 @@ class WanVAE(nn.Module):
         h = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [B, 2z, T, h, w]
         # Only the mean half of conv1 is needed: the log-variance is discarded (as officially).
         z = self.z_dim
-        return F.conv3d(h, self.conv1.weight[:z], self.conv1.bias[:z])  # [B, z, T, h, w]
+        return conv3d(h, self.conv1.weight[:z], self.conv1.bias[:z])  # [B, z, T, h, w]
 
     def _encode_tiled(self, x: torch.Tensor, spec: TileSpec) -> torch.Tensor:
         s = self.spatial_stride

@@ -235,3 +235,20 @@ def test_decoder_finetuning_keeps_the_encoder_and_resumes_exactly(tmp_path):
         same = torch.equal(before[key], full[key])
         assert same == (not key.startswith(("conv2.", "decoder."))), key
     assert all(p.requires_grad for p in runs["full"].parameters())  # left trainable again
+
+
+def test_cli_refuses_to_overwrite_a_previous_run_without_asking(smoke_run, tmp_path, capsys):
+    """A non-empty --out or a used --work folder needs --resume or --overwrite; checked before training."""
+    from wanx.train.cli import main
+
+    root, _ = smoke_run
+    out_files = {f: f.stat().st_mtime_ns for f in (root / "out").rglob("*") if f.is_file()}
+    assert main(["demo", "--smoke", "--no-progress", "--work", str(tmp_path / "fresh"),
+                 "--out", str(root / "out")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {f: f.stat().st_mtime_ns for f in (root / "out").rglob("*") if f.is_file()} == out_files
+    assert not (tmp_path / "fresh").exists()  # nothing was started
+    assert main(["demo", "--smoke", "--no-progress", "--work", str(root / "work"),
+                 "--out", str(tmp_path / "new_out")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not (tmp_path / "new_out").exists()

@@ -1,6 +1,6 @@
 """`wanx train demo`: train the built-in demo model (flags defined once, in :func:`add_train_flags`).
 
-    wanx train demo --out wanx/demo/wanx-demo --work runs/demo --seed 0
+    wanx train demo --out wanx/demo/wanx-demo --work runs/demo --seed 0 --overwrite
 
 (or ``python -m wanx.train.cli demo ...`` where the ``wanx train`` entry is not wired).
 """
@@ -27,10 +27,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes-vae", type=float, default=0.0, help="wall-time cap of the VAE stage (0: none)")
     p.add_argument("--minutes-dit", type=float, default=0.0, help="wall-time cap of the DiT stage (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing a non-empty --out folder and starting over in a used --work folder")
     p.add_argument("--stop-after", default="export", choices=["vae", "decoder", "stats", "cache", "dit", "export"],
                    help="stop after this stage")
     p.add_argument("--smoke", action="store_true", help="seconds-sized recipe (16 px, 5 frames) for tests")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _would_overwrite(out: Path, work: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why this run would replace something that exists (None if it would not), checked up front."""
+    if overwrite:
+        return None
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        return (f"--out {out} already holds files; pass --overwrite to replace them "
+                f"(or --resume to continue the run in --work)")
+    used = [f.name for f in (work / "vae_ckpt.pt", work / "dit_ckpt.pt", work / "latents.pt") if f.is_file()]
+    if used and not resume:
+        return (f"--work {work} holds a previous run ({', '.join(used)}); pass --resume to continue it "
+                f"or --overwrite to start over")
+    return None
 
 
 def cmd_train(args) -> int:
@@ -39,6 +55,10 @@ def cmd_train(args) -> int:
 
     from .demo import DemoRecipe, run_demo
 
+    problem = _would_overwrite(Path(args.out), Path(args.work), args.resume, args.overwrite)
+    if problem:
+        print(f"wanx train: {problem}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = DemoRecipe.smoke() if args.smoke else DemoRecipe.full()

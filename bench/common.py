@@ -116,7 +116,7 @@ def summarize(times: dict[str, list[float]], ours: str = "wanx", ref: str = "ref
 # ---------------------------------------------------------------------------------------- memory
 
 
-def _proc_status(field_name: str) -> int:
+def proc_status(field_name: str) -> int:
     """A /proc/self/status field in bytes (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -135,7 +135,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _malloc_trim() -> None:
+def malloc_trim() -> None:
     """glibc ``malloc_trim(0)`` where available (no-op elsewhere)."""
     try:
         import ctypes
@@ -163,11 +163,11 @@ def measure_call_memory(fn: Callable[[], Any], device: str = "cpu") -> dict[str,
         peak = torch.cuda.max_memory_allocated()
         return {"method": "torch.cuda.max_memory_allocated", "before_bytes": before, "peak_bytes": peak,
                 "call_bytes": peak - before}
-    _malloc_trim()  # hand freed heap pages back first, so "before" is live memory, not allocator slack
-    before = _proc_status("VmRSS")
+    malloc_trim()  # hand freed heap pages back first, so "before" is live memory, not allocator slack
+    before = proc_status("VmRSS")
     ok = reset_peak_rss()
     fn()
-    peak = _proc_status("VmHWM")
+    peak = proc_status("VmHWM")
     return {"method": "VmHWM (reset via clear_refs)" if ok else "VmHWM since process start",
             "before_bytes": before, "peak_bytes": peak, "call_bytes": peak - before}
 

@@ -133,8 +133,8 @@ def flop_counts(size: Size) -> dict[str, Any]:
     """
     cfg = size.dit
     compacts = size.dtype == torch.float32  # as WanDiT._can_compact_text: fp32 weights only
-    rows = [min(n + 1, cfg.text_len) if compacts else cfg.text_len for n in size.ctx_lens]
-    wanx = sum(count_flops(cfg, size.tokens, ctx_len=n, batch=1) for n in rows)
+    text_rows = [min(n + 1, cfg.text_len) if compacts else cfg.text_len for n in size.ctx_lens]
+    wanx = sum(count_flops(cfg, size.tokens, ctx_len=n, batch=1) for n in text_rows)
     ref = count_flops(cfg, size.tokens)
     return {"flops_per_step": {"wanx": wanx, "ref": ref}, "flop_floor_ratio": wanx / ref}
 
@@ -155,12 +155,12 @@ def run(size: Size, repeats: int, device: str, mem: bool, compile: bool = False)
     a, b = ours(latent, t, ctx, ctx_null), theirs(latent, t, ctx, ctx_null)
     err = rel_err(a, b)
     fns = {"wanx": lambda: ours(latent, t, ctx, ctx_null), "ref": lambda: theirs(latent, t, ctx, ctx_null)}
-    rows = []
+    compiled_diffs = []  # (timed name, rel diff vs diffusers)
     if compile:  # timed in the same interleaved run; its first call (compilation) is not timed
         compiled = wanx_step(compiled_twin(model))
         out = compiled(latent, t, ctx, ctx_null)
         fns["wanx+compile"] = lambda: compiled(latent, t, ctx, ctx_null)
-        rows.append(("wanx+compile", rel_err(out, b)))
+        compiled_diffs.append(("wanx+compile", rel_err(out, b)))
     times = interleaved(fns, repeats=repeats, warmup=0 if size.name == "medium" else 1, device=device)
     row = {"size": size.name, "what": f"DiT step + CFG ({size.tokens} tok, ctx {size.ctx_lens})", "ref_impl": "diffusers",
            "max_rel_diff": err, **summarize({k: times[k] for k in ("wanx", "ref")})}
@@ -168,7 +168,7 @@ def run(size: Size, repeats: int, device: str, mem: bool, compile: bool = False)
     row["tflops_achieved"] = {k: row["flops_per_step"][k] / v / 1e12 for k, v in row["median_s"].items()}
     extra = [{"size": size.name, "what": f"DiT step + CFG, {name} (blocks)", "ref_impl": "diffusers",
               "max_rel_diff": diff, **summarize({"wanx": times[name], "ref": times["ref"]})}
-             for name, diff in rows]
+             for name, diff in compiled_diffs]
     rows = [row, *extra]
     del model, ref
     if mem:

@@ -28,34 +28,11 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as `python bench/vae.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import malloc_trim, proc_status, reset_peak_rss  # noqa: E402
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
-
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS so that RSS counts live memory only (glibc keeps them)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def build_wanx(version: str, seed: int):
@@ -122,14 +99,14 @@ def worker(args) -> None:
     import gc
 
     gc.collect()
-    _trim_heap()  # the diffusers worker freed a wanx model; its pages must not be reused "for free"
-    base = _rss_mib("VmRSS:")
-    clean = _reset_peak()
+    malloc_trim()  # the diffusers worker freed a wanx model; its pages must not be reused "for free"
+    base = proc_status("VmRSS") / 2**20
+    clean = reset_peak_rss()
     with torch.no_grad():
         t0, c0 = time.perf_counter(), time.process_time()
         out = run()
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    peak = _rss_mib("VmHWM:") - base
+    peak = proc_status("VmHWM") / 2**20 - base
     torch.save(out.float().contiguous(), args.save)
     print(json.dumps(dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_mib=peak, peak_clean=clean,
                           shape=list(out.shape))))

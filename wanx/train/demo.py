@@ -262,6 +262,52 @@ def vae_psnr(vae, recipe: DemoRecipe, seed: int, n: int = 32, batch: int = 8) ->
 # ------------------------------------------------------------------------------------- stage 1: VAE
 
 
+def _run_vae_stage(vae, opt, params, batch_loss: Callable, *, name: str, ckpt: Path, total: int,
+                   base_lr: float, warmup: int, max_seconds: float, resume: bool, device: torch.device,
+                   log: Logger, progress: bool, ckpt_seconds: float, stop_at: int | None):
+    """The optimiser loop of the VAE stages: resume from ``ckpt``, warm-up + cosine LR over
+    whichever of steps and ``max_seconds`` (0: no cap) runs out first, gradient clipping, logging,
+    periodic and final checkpoints. ``batch_loss(step, frac)`` returns (loss to minimise,
+    reconstruction loss to report). Returns (steps, seconds)."""
+    step, elapsed = 0, 0.0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+    bar = _bar(total, step, name, progress)
+    t_start, t_ckpt = time.perf_counter() - elapsed, time.perf_counter()
+
+    def save():
+        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                      "elapsed": time.perf_counter() - t_start}, ckpt)
+
+    while step < total and (stop_at is None or step < stop_at):
+        elapsed = time.perf_counter() - t_start
+        frac = max(step / total, elapsed / max_seconds if max_seconds else 0.0)
+        if frac >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = base_lr * lr_factor(step, frac, warmup)
+        loss, recon = batch_loss(step, frac)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{recon.item():.4f}", refresh=False)
+        if step % 10 == 0 or step == total:
+            log.write(stage=name, step=step, loss=recon.item(), lr=opt.param_groups[0]["lr"],
+                      gnorm=float(gnorm), elapsed=time.perf_counter() - t_start)
+        if time.perf_counter() - t_ckpt > ckpt_seconds:
+            save()
+            t_ckpt = time.perf_counter()
+    bar.close()
+    save()
+    return step, time.perf_counter() - t_start
+
+
 def train_vae(recipe: DemoRecipe, work: Path, seed: int, device: torch.device, max_seconds: float,
               resume: bool, log: Logger, progress: bool = True, ckpt_seconds: float = 120.0,
               stop_at: int | None = None):
@@ -273,50 +319,21 @@ def train_vae(recipe: DemoRecipe, work: Path, seed: int, device: torch.device, m
 
     torch.manual_seed(seed)
     vae = init_vae(WanVAE(recipe.vae_config())).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    ckpt = work / "vae_ckpt.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-    total = recipe.vae_steps
-    bar = _bar(total, step, "vae", progress)
-    t_start, t_ckpt = time.perf_counter() - elapsed, time.perf_counter()
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
 
-    def save():
-        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "elapsed": time.perf_counter() - t_start}, ckpt)
-
-    while step < total and (stop_at is None or step < stop_at):
-        elapsed = time.perf_counter() - t_start
-        progress_frac = max(step / total, elapsed / max_seconds if max_seconds else 0.0)
-        if progress_frac >= 1.0:
-            break
-        for g in opt.param_groups:
-            g["lr"] = recipe.vae_lr * lr_factor(step, progress_frac, recipe.warmup)
+    def batch_loss(step: int, frac: float):
         rng = np.random.default_rng([seed, 1, step])
-        short = progress_frac < recipe.vae_short_share and recipe.vae_short_frames < recipe.frames
+        short = frac < recipe.vae_short_share and recipe.vae_short_frames < recipe.frames
         video, mask, _ = render_batch(rng, recipe.vae_batch, recipe,
                                       frames=recipe.vae_short_frames if short else None)
-        loss, recon = _vae_loss(vae, video.to(device), mask.to(device), recipe, _gen(seed, 1, step, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{recon.item():.4f}", refresh=False)
-        if step % 10 == 0 or step == total:
-            log.write(stage="vae", step=step, loss=recon.item(), lr=opt.param_groups[0]["lr"],
-                      gnorm=float(gnorm), elapsed=time.perf_counter() - t_start)
-        if time.perf_counter() - t_ckpt > ckpt_seconds:
-            save()
-            t_ckpt = time.perf_counter()
-    bar.close()
-    save()
-    return vae, step, time.perf_counter() - t_start
+        return _vae_loss(vae, video.to(device), mask.to(device), recipe, _gen(seed, 1, step, device))
+
+    steps, seconds = _run_vae_stage(
+        vae, opt, params, batch_loss, name="vae", ckpt=work / "vae_ckpt.pt", total=recipe.vae_steps,
+        base_lr=recipe.vae_lr, warmup=recipe.warmup, max_seconds=max_seconds, resume=resume, device=device,
+        log=log, progress=progress, ckpt_seconds=ckpt_seconds, stop_at=stop_at)
+    return vae, steps, seconds
 
 
 def finetune_decoder(vae, recipe: DemoRecipe, work: Path, seed: int, device: torch.device, resume: bool,
@@ -332,48 +349,23 @@ def finetune_decoder(vae, recipe: DemoRecipe, work: Path, seed: int, device: tor
     for name, p in vae.named_parameters():
         p.requires_grad_(name.startswith(("conv2.", "decoder.")))
     opt = torch.optim.AdamW(params, lr=recipe.decoder_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    ckpt = work / "decoder_ckpt.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-    total = recipe.decoder_steps
-    bar = _bar(total, step, "decoder", progress)
-    t_start, t_ckpt = time.perf_counter() - elapsed, time.perf_counter()
 
-    def save():
-        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "elapsed": time.perf_counter() - t_start}, ckpt)
-
-    vae.train()
-    while step < total and (stop_at is None or step < stop_at):
-        for g in opt.param_groups:
-            g["lr"] = recipe.decoder_lr * lr_factor(step, step / total, recipe.warmup)
+    def batch_loss(step: int, frac: float):
         rng = np.random.default_rng([seed, 5, step])
         video, mask, _ = render_batch(rng, recipe.vae_batch, recipe)
         video, mask = video.to(device), mask.to(device)
         with torch.no_grad():
             mu = vae.encode(video)
         _, recon = _vae_loss(vae, video, mask, recipe, _gen(seed, 5, step, device), mu=mu)
-        opt.zero_grad(set_to_none=True)
-        recon.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{recon.item():.4f}", refresh=False)
-        if step % 10 == 0 or step == total:
-            log.write(stage="decoder", step=step, loss=recon.item(), lr=opt.param_groups[0]["lr"],
-                      gnorm=float(gnorm), elapsed=time.perf_counter() - t_start)
-        if time.perf_counter() - t_ckpt > ckpt_seconds:
-            save()
-            t_ckpt = time.perf_counter()
-    bar.close()
-    save()
+        return recon, recon
+
+    vae.train()
+    steps, seconds = _run_vae_stage(
+        vae, opt, params, batch_loss, name="decoder", ckpt=work / "decoder_ckpt.pt",
+        total=recipe.decoder_steps, base_lr=recipe.decoder_lr, warmup=recipe.warmup, max_seconds=0.0,
+        resume=resume, device=device, log=log, progress=progress, ckpt_seconds=ckpt_seconds, stop_at=stop_at)
     vae.requires_grad_(True)
-    return vae.eval(), step, time.perf_counter() - t_start
+    return vae.eval(), steps, seconds
 
 
 @torch.no_grad()

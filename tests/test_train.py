@@ -164,11 +164,14 @@ def test_smoke_run_exports_a_loadable_folder_and_generates(smoke_run):
     assert set(summary["stages"]) == {"vae", "decoder", "stats", "cache", "dit", "export"}
     layout = find_checkpoint(out)
     assert layout.kind == "official" and layout.spec.name == "t2v-A14B"
+    # the demo VAE has one stage fewer than the official: 4x4x4, read from wanx.json
+    assert layout.spec.vae_stride == (4, 4, 4)
     meta = json.loads((out / "wanx.json").read_text())
     assert meta["task"]["negative_prompt"] == "" and meta["task"]["default_size"] == "16*16"
     assert meta["vae"]["latents_std"] == pytest.approx(summary["stages"]["stats"]["std"])
     pipe = wanx.load_pipeline(out)
     assert len(pipe.experts) == 2
+    assert pipe.prepare_condition(pipe.resolve("a", size="16*16"))["grid"] == (2, 4, 4)
     video = pipe.generate("a red circle moving left", seed=1)
     assert video.frames.shape == (SMOKE.frames, 16, 16, 3)
     assert video.metadata["negative_prompt"] == ""

@@ -112,7 +112,35 @@ def test_parity_with_diffusers_real_width_wan21():
     _check_parity(model, video(5, 16, 16), "real-width 2.1 (5x16x16)")
 
 
+def test_parity_with_diffusers_three_stage_wan21():
+    """A 2.1 VAE with one downsampling stage fewer (4x4x4; the demo model's layout)."""
+    cfg = VAEConfig.tiny("2.1", dim_mult=(1, 2, 4), temperal_downsample=(True, True))
+    _check_parity(randomized(cfg), video(9, 16, 24), "three-stage 2.1 (9x16x24)")
+
+
 # ------------------------------------------------------------------------------ shapes and errors
+@pytest.mark.parametrize("version, dim_mult, temporal, strides", [
+    ("2.1", (1, 2, 4, 4), (False, True, True), (4, 8, 8)),
+    ("2.2", (1, 2, 4, 4), (False, True, True), (4, 16, 16)),
+    ("2.1", (1, 2, 4), (True, True), (4, 4, 4)),
+    ("2.1", (1, 2, 4), (False, True), (2, 4, 4)),
+])
+def test_strides_follow_the_stages(version, dim_mult, temporal, strides):
+    cfg = VAEConfig.tiny(version, dim_mult=dim_mult, temperal_downsample=temporal)
+    assert cfg.strides == strides
+    model = WanVAE(cfg).eval()
+    frames = 2 * strides[0] + 1
+    with torch.no_grad():
+        z = model.encode(video(frames, 2 * strides[1], strides[1]))
+        assert z.shape[2:] == (3, 2, 1)
+        assert model.decode(z).shape[2:] == (frames, 2 * strides[1], strides[1])
+
+
+def test_temporal_flags_must_match_the_stages():
+    with pytest.raises(ValueError, match="one flag per downsampling stage"):
+        VAEConfig.tiny("2.1", dim_mult=(1, 2, 4), temperal_downsample=(False, True, True))
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("frames", [1, 5, 17])
 def test_round_trip_shapes(tiny, version, frames):

@@ -144,6 +144,10 @@ class VAEConfig(_ConfigMixin):
     def __post_init__(self):
         if self.version not in ("2.1", "2.2"):
             raise ValueError(f"VAEConfig.version must be '2.1' or '2.2', got {self.version!r}")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"VAEConfig: temperal_downsample needs one flag per downsampling stage "
+                             f"({len(self.dim_mult) - 1} for dim_mult {tuple(self.dim_mult)}), "
+                             f"got {tuple(self.temperal_downsample)}")
 
     @property
     def decoder_dim(self) -> int:
@@ -151,11 +155,19 @@ class VAEConfig(_ConfigMixin):
 
     @property
     def spatial_stride(self) -> int:
-        return 16 if self.version == "2.2" else 8
+        """Pixels per latent pixel: one halving per stage after the first (8 for the official
+        (1, 2, 4, 4)); the 2.2 VAE's 2x2 pixel patchify doubles it (16)."""
+        stride = 2 ** (len(self.dim_mult) - 1)
+        return 2 * stride if self.version == "2.2" else stride
 
     @property
     def temporal_stride(self) -> int:
-        return 4
+        """Frames per latent frame after the first (4 for the official (False, True, True))."""
+        return 2 ** sum(bool(t) for t in self.temperal_downsample)
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        return (self.temporal_stride, self.spatial_stride, self.spatial_stride)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -233,6 +245,8 @@ class TaskSpec:
     boundary: float | None = None  # ratio of NUM_TRAIN_TIMESTEPS; None = one model
     expert_dirs: tuple[str, str] | None = None  # (high_noise, low_noise) subfolders
     runnable: bool = True
+    # None: the official VAE's (4, 8, 8) or (4, 16, 16); set from wanx.json for other VAE shapes
+    vae_strides: tuple[int, int, int] | None = None
     t5_checkpoint: str = "models_t5_umt5-xxl-enc-bf16.pth"
     t5_tokenizer: str = "google/umt5-xxl"
     text_len: int = 512
@@ -245,6 +259,8 @@ class TaskSpec:
 
     @property
     def vae_stride(self) -> tuple[int, int, int]:
+        if self.vae_strides is not None:
+            return self.vae_strides
         return (4, 16, 16) if self.vae_version == "2.2" else (4, 8, 8)
 
     @property

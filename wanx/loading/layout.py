@@ -103,6 +103,8 @@ def _official_layout(root: Path, task: str | None) -> CheckpointLayout:
     if vae_cfg is not None and vae_cfg.version != spec.vae_version:
         raise CheckpointError(f"{WANX_JSON} gives VAE version {vae_cfg.version} but task {spec.name} "
                               f"uses the Wan{spec.vae_version} VAE")
+    if vae_cfg is not None and vae_cfg.strides != spec.vae_stride:
+        spec = replace(spec, vae_strides=vae_cfg.strides)  # e.g. a VAE with fewer stages (demo model)
     return CheckpointLayout(root=root, kind="official", spec=spec,
                             tokenizer_dir=root / spec.t5_tokenizer, t5_path=root / spec.t5_checkpoint,
                             vae_path=root / spec.vae_checkpoint, dit_paths=dit_paths,

@@ -7,7 +7,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -85,6 +85,9 @@ class WanPipeline:
     def __init__(self, spec: TaskSpec, text_encoder, vae, experts: Sequence[torch.nn.Module], *,
                  device: torch.device, options: PipelineOptions | None = None,
                  checkpoint: dict[str, Any] | None = None):
+        vae_strides = getattr(getattr(vae, "cfg", None), "strides", None)
+        if vae_strides is not None and vae_strides != spec.vae_stride:
+            spec = replace(spec, vae_strides=vae_strides)  # latent grids follow the VAE actually loaded
         self.spec = spec
         self.text_encoder = text_encoder
         self.vae = vae
@@ -104,6 +107,11 @@ class WanPipeline:
     @property
     def dit_config(self):
         return self.experts[0].cfg
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be divisible by the loaded VAE's stride x the loaded DiT's patch."""
+        return self.spec.vae_stride[1] * self.dit_config.patch_size[1]
 
     @property
     def needs_image(self) -> bool:
@@ -133,7 +141,7 @@ class WanPipeline:
         if image is not None and not self.takes_image:
             raise ValueError(f"task {spec.name} is text-to-video and takes no image")
         if image is None or self.dit_config.model_type == "ti2v":
-            multiple = spec.size_multiple
+            multiple = self.size_multiple
             if w % multiple or h % multiple or w <= 0 or h <= 0:
                 raise ValueError(f"size {w}*{h} is not divisible by {multiple} (VAE stride x patch) "
                                  f"for task {spec.name}")
@@ -186,7 +194,7 @@ class WanPipeline:
             y = i2v_cond.i2v_condition(self.vae, img, req.frame_num, lat_h, lat_w, stride_s)
             return {"grid": (y.shape[1], lat_h, lat_w), "y": y[None].to(self.device)}
         if model_type == "ti2v" and req.image is not None:
-            img = ti2v_cond.prepare_ti2v_image(req.image, req.size[0] * req.size[1], self.spec.size_multiple)
+            img = ti2v_cond.prepare_ti2v_image(req.image, req.size[0] * req.size[1], self.size_multiple)
             with torch.no_grad():
                 z = self.vae.encode(img[None].to(self.device))[0].float()  # [C, 1, h, w]
             t_lat = (req.frame_num - 1) // self.spec.vae_stride[0] + 1

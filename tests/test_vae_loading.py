@@ -81,8 +81,10 @@ def test_key_map_examples():
 
 # ------------------------------------------------------------------------------ config inference
 @pytest.mark.parametrize("cfg", [VAEConfig.wan21(), VAEConfig.wan22(),
-                                 VAEConfig.tiny("2.1", dim_mult=(1, 2, 2), temperal_downsample=(True, False))],
-                         ids=["wan21", "wan22", "tiny-odd"])
+                                 VAEConfig.tiny("2.1", dim_mult=(1, 2, 4), temperal_downsample=(True, True)),
+                                 VAEConfig.tiny("2.1", dim_mult=(1, 2, 2, 3),
+                                                temperal_downsample=(True, False, True))],
+                         ids=["wan21", "wan22", "three-stage", "tiny-odd"])
 def test_infer_config_from_shapes(cfg):
     with torch.device("meta"):
         sd = WanVAE(cfg).state_dict()

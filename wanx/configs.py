@@ -148,6 +148,10 @@ class VAEConfig(_ConfigMixin):
             raise ValueError(f"VAEConfig: temperal_downsample needs one flag per downsampling stage "
                              f"({len(self.dim_mult) - 1} for dim_mult {tuple(self.dim_mult)}), "
                              f"got {tuple(self.temperal_downsample)}")
+        if self.temporal_stride != 4:
+            # The frame-count rules (4n+1) and the 1 + 4 + 4 ... encode chunks assume it.
+            raise ValueError(f"VAEConfig: exactly two stages must downsample in time (4x, as every "
+                             f"Wan VAE), got temperal_downsample={tuple(self.temperal_downsample)}")
 
     @property
     def decoder_dim(self) -> int:

@@ -81,9 +81,10 @@ TRAIN_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
 # are alike (circle 3.1 r², square 2.9 r², triangle 2.3 r²); the triangle fills its box by 1/2.
 HALF_EXTENT = {"circle": (1.0, 1.0), "square": (0.85, 0.85), "triangle": (1.15, 1.0)}
 # Object radius as a fraction of the frame: 0.22 .. 0.27, i.e. a 14–17 px wide object at 32×32,
-# about two latent pixels of a VAE with an 8× spatial stride. At 0.16 .. 0.20 (1.4 latent pixels)
-# a tiny VAE turned every shape into the same blob (analyser shape accuracy 35% ≈ chance after a
-# VAE round trip, see the model card), so the objects grew.
+# two latent pixels of a VAE with an 8× spatial stride, about four at the demo VAE's 4×. At
+# 0.16 .. 0.20 (1.4 latent pixels at 8×) a tiny VAE turned every shape into the same blob
+# (analyser shape accuracy 35% ≈ chance after a VAE round trip, see the model card), so the
+# objects grew; at 8× squares still came back with round corners, so the demo VAE lost a stage.
 SIZE_RANGE = (0.22, 0.27)
 # Share of the free room along the motion axis that the object travels during the clip: at
 # least 25% of the frame even for the widest shape at its largest size (1 - 2·1.15·0.27 - 2/32

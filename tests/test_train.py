@@ -101,6 +101,13 @@ def test_sigma_sampling_respects_expert_ranges():
     allsig = sample_sigmas(g, 4096, 2.0)
     # shift 2 pushes the logit-normal's median 0.5 up to 2/3
     assert abs(allsig.median().item() - 2 / 3) < 0.03
+    # the low-noise expert's uniform draw: in range, and σ < 0.3 in ~3/7 of the samples (the
+    # shifted logit-normal restricted to [0, 0.7) gives ~11%)
+    flat = sample_sigmas(g, 4096, 2.0, 0.0, 0.7, uniform=True)
+    assert flat.min() >= 0.0 and flat.max() < 0.7
+    assert abs((flat < 0.3).float().mean().item() - 3 / 7) < 0.03
+    shifted_low = sample_sigmas(g, 4096, 2.0, 0.0, 0.7)
+    assert (shifted_low < 0.3).float().mean().item() < 0.15
 
 
 def test_ema_tracks_weights():

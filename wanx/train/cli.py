@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def cmd_train(args) -> int:
     recipe = DemoRecipe.smoke() if args.smoke else DemoRecipe.full()
     over = {k: v for k, v in (("vae_steps", args.vae_steps), ("decoder_steps", args.decoder_steps),
                               ("dit_steps", args.dit_steps)) if v is not None}
-    recipe = recipe.__class__(**{**recipe.__dict__, **over})
+    recipe = dataclasses.replace(recipe, **over)
     summary = run_demo(recipe, Path(args.out), Path(args.work), seed=args.seed, device=args.device,
                        minutes_vae=args.minutes_vae, minutes_dit=args.minutes_dit, resume=args.resume,
                        stop_after=args.stop_after, progress=not args.no_progress)

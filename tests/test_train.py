@@ -18,6 +18,7 @@ from wanx.train.demo import (
     flow_matching_loss,
     init_dit,
     init_vae,
+    latent_object_mask,
     render_batch,
     run_demo,
     sample_sigmas,
@@ -91,6 +92,55 @@ def test_dit_steps_reduce_loss_on_a_fixed_batch(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_latent_object_mask_follows_the_causal_vae_grouping():
+    mask = torch.zeros(1, 1, 9, 8, 8, dtype=torch.bool)
+    mask[0, 0, 0, 0, 0] = True  # frame 0 alone is latent frame 0
+    mask[0, 0, 5, 5, 2] = True  # frames 5..8 are latent frame 2; pixel (5, 2) is cell (1, 0)
+    got = latent_object_mask(mask, temporal_stride=4, spatial_stride=4)
+    want = torch.zeros(1, 1, 3, 2, 2, dtype=torch.bool)
+    want[0, 0, 0, 0, 0] = want[0, 0, 2, 1, 0] = True
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="does not tile"):
+        latent_object_mask(torch.zeros(1, 1, 8, 8, 8, dtype=torch.bool), 4, 4)
+
+
+def test_cached_masks_cover_the_objects_of_the_cached_clips():
+    from wanx.vae import WanVAE
+
+    recipe = DemoRecipe(**{**SMOKE.__dict__, "clips": 4})
+    cache = build_cache(WanVAE(recipe.vae_config()).eval(), recipe, seed=0)
+    assert cache["masks"].shape == (4, 1, *cache["latents"].shape[2:])
+    share = cache["masks"].float().mean().item()
+    assert 0.05 < share < 0.9, share  # each clip's object touches some latent pixels, not all
+
+
+def test_weighted_flow_matching_loss_counts_only_weighted_pixels():
+    from wanx.model import WanDiT
+
+    torch.manual_seed(0)
+    dit = WanDiT(SMOKE.dit_config()).eval()
+    with torch.no_grad():
+        dit.head.head.weight.normal_(std=0.5)  # a non-zero prediction
+    x0 = torch.randn(2, 16, 2, 4, 4)
+    sigma = torch.tensor([0.3, 0.8])
+    ctx = torch.randn(2, SMOKE.text_len, SMOKE.t5["dim"])
+
+    def loss(weight=None):
+        with torch.no_grad():
+            return flow_matching_loss(dit, x0, sigma, ctx, torch.Generator().manual_seed(3), weight).item()
+
+    assert loss(torch.ones(2, 1, 2, 4, 4)) == pytest.approx(loss(), rel=1e-6)
+    # a weight that is zero on half the pixels: the mean squared error over the other half
+    half = torch.zeros(2, 1, 2, 4, 4)
+    half[..., :2] = 1.0
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    s = sigma.view(-1, 1, 1, 1, 1)
+    with torch.no_grad():
+        err = (dit((1 - s) * x0 + s * eps, sigma * 1000, ctx) - (eps - x0)).square()
+    assert loss(half) == pytest.approx(err[..., :2].mean().item(), rel=1e-5)
+    assert loss(half) != pytest.approx(loss(), rel=1e-3)
 
 
 def test_sigma_sampling_respects_expert_ranges():

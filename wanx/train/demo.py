@@ -652,6 +652,8 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
         recent = state.get("recent", {})  # final losses survive a resume that has no steps left
 
     latents = cache["latents"]
+    # per-latent-pixel loss weights, built once rather than every step
+    weights = 1.0 + recipe.dit_fg_weight * cache["masks"].float() if recipe.dit_fg_weight else None
     total = recipe.dit_steps
     bar = _bar(total, step, "dit", progress)
     t_start, t_ckpt = time.perf_counter() - elapsed, time.perf_counter()
@@ -683,7 +685,7 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
         sigma = sample_sigmas(gen, recipe.dit_batch, recipe.shift, *ranges[name],
                               uniform=name == "low" and recipe.low_expert_uniform_sigma)
         ctx = encode_captions(t5, tokenizer, captions, recipe.text_len, device)
-        weight = 1.0 + recipe.dit_fg_weight * cache["masks"][idx].float() if recipe.dit_fg_weight else None
+        weight = weights[idx].to(device) if weights is not None else None
         loss = flow_matching_loss(model, latents[idx].to(device), sigma, ctx, gen, weight)
         opt.zero_grad(set_to_none=True)
         t5_opt.zero_grad(set_to_none=True)

@@ -241,7 +241,7 @@ def test_exported_weights_are_the_trained_ema_weights(smoke_run):
     from wanx.loading.dit import load_dit
 
     root, _ = smoke_run
-    state = torch.load(root / "work" / "dit_ckpt.pt", weights_only=False)
+    state = torch.load(root / "work" / "dit_ckpt.pt", weights_only=True)
     loaded = load_dit(root / "out" / "high_noise_model")
     shadow = state["emas"]["high"]["shadow"]
     assert all(torch.equal(loaded.state_dict()[k].float(), shadow[k].float()) for k in shadow)

@@ -291,7 +291,7 @@ def _run_vae_stage(vae, opt, params, batch_loss: Callable, *, name: str, ckpt: P
     reconstruction loss to report). Returns (steps, seconds)."""
     step, elapsed = 0, 0.0
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, elapsed = state["step"], state["elapsed"]
@@ -638,7 +638,7 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
 
     ckpt = work / "dit_ckpt.pt"
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         if "shared" not in state["models"]:
             fork()
         for name in models:

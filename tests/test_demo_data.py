@@ -32,6 +32,7 @@ from wanx.train.data import (
     make_specs,
     parse_caption,
     parse_caption_full,
+    partial_caption,
     render_clip,
     sample_spec,
     spec_for,
@@ -129,6 +130,22 @@ def test_captions_parse_back():
     for bad in ("a purple circle moving left", "a red circle", "red circle moving sideways"):
         with pytest.raises(ValueError):
             parse_caption(bad)
+
+
+def test_partial_captions_leave_out_exactly_one_attribute():
+    from wanx.train.vocab import build_demo_tokenizer
+
+    assert partial_caption("blue", "square", "left", None, "colour") == "a square moving left"
+    assert partial_caption("blue", "square", "left", None, "shape") == "a blue shape moving left"
+    assert partial_caption("blue", "square", "left", "gray", "motion") == "a blue square on a gray background"
+    with pytest.raises(ValueError, match="omit must be"):
+        partial_caption("blue", "square", "left", None, "size")
+    tok = build_demo_tokenizer()
+    for (colour, shape, motion), omit in itertools.product(ALL_TRIPLES, ("colour", "shape", "motion")):
+        text = partial_caption(colour, shape, motion, "white", omit)
+        named = {colour, shape, motion} & set(text.split())
+        assert named == {colour, shape, motion} - {dict(colour=colour, shape=shape, motion=motion)[omit]}
+        assert 2 not in tok.encode(text).ids  # every word is in the demo vocabulary
 
 
 def test_caption_forms_mix_without_changing_clips():

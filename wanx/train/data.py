@@ -250,6 +250,18 @@ def format_caption(colour: str, shape: str, motion: str, background: str | None 
     return f"{text} on a {background} background" if background else text
 
 
+def partial_caption(colour: str, shape: str, motion: str, background: str | None, omit: str) -> str:
+    """A caption with one attribute left unnamed (``omit`` in colour/shape/motion), as used for
+    training only: "a square moving left", "a blue shape moving left", "a blue square"."""
+    if omit not in ("colour", "shape", "motion"):
+        raise ValueError(f"omit must be colour, shape or motion, not {omit!r}")
+    words = [colour if omit != "colour" else "", shape if omit != "shape" else "shape"]
+    text = "a " + " ".join(w for w in words if w)
+    if omit != "motion":
+        text += f" moving {motion}"
+    return f"{text} on a {background} background" if background else text
+
+
 def caption(spec: ClipSpec, with_background: bool = False) -> str:
     """The canonical caption of a spec (short form unless ``with_background``)."""
     return format_caption(*spec.triple, spec.background if with_background else None)

@@ -257,6 +257,20 @@ def test_loss_curve_png(smoke_run, tmp_path):
     assert Image.open(png).size == (900, 360)
 
 
+def test_loss_curve_draws_decoder_rows_in_the_vae_panel(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    log = tmp_path / "log.jsonl"
+    rows = [dict(stage="vae", step=s, loss=1.0 / s) for s in range(1, 50)]
+    rows += [dict(stage="decoder", step=s, loss=0.02 + 0.01 / s) for s in range(1, 20)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    img = np.asarray(Image.open(write_loss_curve(log, tmp_path / "loss.png")).convert("RGB")).astype(int)
+    decoder_orange = np.all(np.abs(img - (230, 140, 20)) < 30, axis=-1)
+    assert decoder_orange[:, :450].any()
+    assert not decoder_orange[:, 450:].any()  # nothing drawn in the DiT panel
+
+
 def test_cli_flags_and_resume_skip_finished_stages(smoke_run, capsys):
     from wanx.train.cli import main
 

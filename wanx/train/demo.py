@@ -762,14 +762,18 @@ def write_loss_curve(log_path: Path, png: Path, width: int = 900, height: int = 
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     series: dict[str, list[tuple[int, float]]] = {}
+    vae_steps = max((r["step"] for r in rows if r["stage"] == "vae"), default=0)
     for r in rows:
-        key = r["stage"] if r["stage"] == "vae" else f"dit {r.get('expert', '')}".strip()
-        series.setdefault(key, []).append((r["step"], r["loss"]))
-    colours = {"vae": (40, 90, 200), "dit shared": (90, 90, 90), "dit high": (210, 60, 40),
-               "dit low": (30, 150, 60)}
+        if r["stage"] in ("vae", "decoder"):  # decoder fine-tuning continues the VAE's curve
+            key, step = r["stage"], r["step"] + (vae_steps if r["stage"] == "decoder" else 0)
+        else:
+            key, step = f"dit {r.get('expert', '')}".strip(), r["step"]
+        series.setdefault(key, []).append((step, r["loss"]))
+    colours = {"vae": (40, 90, 200), "decoder": (230, 140, 20), "dit shared": (90, 90, 90),
+               "dit high": (210, 60, 40), "dit low": (30, 150, 60)}
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    panels = [("VAE reconstruction loss", ["vae"]),
+    panels = [("VAE reconstruction loss (then decoder fine-tuning)", ["vae", "decoder"]),
               ("DiT flow-matching loss", [k for k in series if k.startswith("dit")])]
     pw = width // 2
     for p, (title, keys) in enumerate(panels):

@@ -19,6 +19,7 @@ from wanx.train.demo import (
     init_dit,
     init_vae,
     latent_object_mask,
+    pick_captions,
     render_batch,
     run_demo,
     sample_sigmas,
@@ -141,6 +142,30 @@ def test_weighted_flow_matching_loss_counts_only_weighted_pixels():
         err = (dit((1 - s) * x0 + s * eps, sigma * 1000, ctx) - (eps - x0)).square()
     assert loss(half) == pytest.approx(err[..., :2].mean().item(), rel=1e-5)
     assert loss(half) != pytest.approx(loss(), rel=1e-3)
+
+
+def test_caption_picking_drops_captions_and_attributes_at_the_recipe_rates():
+    n = 4000
+    cache = {"short": ["a blue square moving left"] * n,
+             "long": ["a blue square moving left on a gray background"] * n}
+    recipe = DemoRecipe(caption_dropout=0.1, long_caption_share=0.5, attribute_dropout=0.25)
+    picked = pick_captions(torch.Generator().manual_seed(0), cache, torch.arange(n), recipe)
+    empty = sum(c == "" for c in picked) / n
+    partial = [c for c in picked if c and c not in cache["short"] + cache["long"]]
+    assert abs(empty - 0.1) < 0.02
+    assert abs(len(partial) / n - 0.9 * 0.25) < 0.03
+    for c in partial:  # exactly one of the three words is gone, the background is kept when named
+        words = set(c.split())
+        assert len({"blue", "square", "left"} & words) == 2
+        assert ("gray" in words) == ("background" in words)
+    # Off, nothing is left out and the generator advances as it did before partial captions existed.
+    off = DemoRecipe(caption_dropout=0.1, attribute_dropout=0.0)
+    gen = torch.Generator().manual_seed(0)
+    picked = pick_captions(gen, cache, torch.arange(64), off)
+    assert set(picked) <= {"", *cache["short"][:1], *cache["long"][:1]}
+    ref = torch.Generator().manual_seed(0)
+    torch.rand(64, 2, generator=ref)
+    assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=ref))
 
 
 def test_sigma_sampling_respects_expert_ranges():

@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs import DiTConfig, T5Config, VAEConfig
-from .data import BACKGROUNDS, caption, render_clip, sample_spec, to_model_input
+from .data import (BACKGROUNDS, caption, parse_caption_full, partial_caption, render_clip, sample_spec,
+                   to_model_input)
 
 # ------------------------------------------------------------------------------------- recipe
 
@@ -97,6 +98,10 @@ class DemoRecipe:
     # dit_lr 1e-3 (was 5e-4), x9 to 0.85-0.90 and halved the flicker (shipped model).
     dit_fg_weight: float = 8.0
     caption_dropout: float = 0.1
+    # Share of the remaining captions trained with one attribute unnamed ("a square moving left"),
+    # meant to make each word steer the clip on its own. Off: at 0.25 (v9, on v7's recipe) squares
+    # got rounder (train all-correct 93.3% vs 99.2%, held-out 75.0% vs 87.5%).
+    attribute_dropout: float = 0.0
     long_caption_share: float = 0.5
     ema_decay: float = 0.998
     warmup: int = 100
@@ -578,14 +583,20 @@ def encode_captions(t5, tokenizer, captions: list[str], text_len: int, device) -
 
 
 def pick_captions(gen: torch.Generator, cache: dict, idx: torch.Tensor, recipe: DemoRecipe) -> list[str]:
-    """Short or long caption per sample; ``caption_dropout`` of them become "" (the CFG negative)."""
-    u = torch.rand(len(idx), 2, generator=gen)
+    """Short or long caption per sample; ``caption_dropout`` of them become "" (the CFG negative)
+    and ``attribute_dropout`` of the rest leave one of colour/shape/motion unnamed."""
+    # The two extra draws only when partial captions are on, so recipes without them keep their stream.
+    u = torch.rand(len(idx), 4 if recipe.attribute_dropout else 2, generator=gen)
     out = []
-    for i, (drop, form) in zip(idx.tolist(), u.tolist()):
-        if drop < recipe.caption_dropout:
+    for i, row in zip(idx.tolist(), u.tolist()):
+        if row[0] < recipe.caption_dropout:
             out.append("")
-        else:
-            out.append(cache["long"][i] if form < recipe.long_caption_share else cache["short"][i])
+            continue
+        text = cache["long"][i] if row[1] < recipe.long_caption_share else cache["short"][i]
+        if recipe.attribute_dropout and row[2] < recipe.attribute_dropout:
+            omit = ("colour", "shape", "motion")[min(int(row[3] * 3), 2)]
+            text = partial_caption(*parse_caption_full(text), omit=omit)
+        out.append(text)
     return out
 
 

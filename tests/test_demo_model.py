@@ -66,3 +66,19 @@ def test_wanx_generate_without_ckpt_dir_writes_an_mp4(tmp_path):
     assert fps == pytest.approx(8.0)
     assert meta["prompt"] == PROMPT and meta["seed"] == 3 and meta["size"] == "32*32"
     assert meta["checkpoint"]["path"] == str(DEMO_DIR)
+
+
+def test_shipped_model_was_trained_with_the_documented_recipe():
+    """The one documented command (``DemoRecipe`` defaults) is what trained the shipped weights, and
+    the shipped sampling defaults are the recipe's."""
+    from dataclasses import asdict
+
+    from wanx.train.demo import DemoRecipe
+
+    shipped = json.loads((DEMO_DIR / "training_summary.json").read_text())
+    recipe = json.loads(json.dumps(asdict(DemoRecipe())))  # tuples -> lists, as stored
+    assert shipped["recipe"] == recipe and shipped["seed"] == 0
+    task = json.loads((DEMO_DIR / "wanx.json").read_text())["task"]
+    assert task["guide_scale"] == [recipe["guide_scale"]] * 2
+    assert (task["sample_steps"], task["sample_shift"], task["boundary"]) == (
+        recipe["sample_steps"], recipe["shift"], recipe["boundary"])

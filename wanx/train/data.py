@@ -244,22 +244,23 @@ def render_clip(
     return np.rint(alpha * fg + (1.0 - alpha) * bg).astype(np.uint8)
 
 
-def format_caption(colour: str, shape: str, motion: str, background: str | None = None) -> str:
-    """The canonical caption: short form, or long form when ``background`` is given."""
-    text = f"a {colour} {shape} moving {motion}"
+def format_caption(colour: str | None, shape: str | None, motion: str | None,
+                   background: str | None = None) -> str:
+    """The canonical caption: short form, or long form when ``background`` is given. A ``None``
+    colour or motion is left out and a ``None`` shape reads "shape" (training-only partial captions)."""
+    text = "a " + " ".join(w for w in (colour, shape or "shape") if w)
+    if motion:
+        text += f" moving {motion}"
     return f"{text} on a {background} background" if background else text
 
 
 def partial_caption(colour: str, shape: str, motion: str, background: str | None, omit: str) -> str:
     """A caption with one attribute left unnamed (``omit`` in colour/shape/motion), as used for
     training only: "a square moving left", "a blue shape moving left", "a blue square"."""
-    if omit not in ("colour", "shape", "motion"):
+    fields = dict(colour=colour, shape=shape, motion=motion)
+    if omit not in fields:
         raise ValueError(f"omit must be colour, shape or motion, not {omit!r}")
-    words = [colour if omit != "colour" else "", shape if omit != "shape" else "shape"]
-    text = "a " + " ".join(w for w in words if w)
-    if omit != "motion":
-        text += f" moving {motion}"
-    return f"{text} on a {background} background" if background else text
+    return format_caption(**{**fields, omit: None}, background=background)
 
 
 def caption(spec: ClipSpec, with_background: bool = False) -> str:

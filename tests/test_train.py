@@ -237,6 +237,33 @@ def test_dit_resume_is_exact_across_the_expert_fork(tmp_path):
     assert not _states_equal(a["experts"][0].state_dict(), a["experts"][1].state_dict())
 
 
+def test_zero_t5_lr_freezes_the_text_encoder_at_its_initialisation(tmp_path):
+    from wanx.model import WanDiT
+    from wanx.text import Tokenizer, UMT5Encoder
+    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.vae import WanVAE
+
+    torch.manual_seed(0)
+    cache = build_cache(WanVAE(SMOKE.vae_config()).eval(), DemoRecipe(**{**SMOKE.__dict__, "clips": 8}), seed=0)
+    tok_dir = save_demo_tokenizer(tmp_path / "tok")
+    results = {}
+    for lr in (0.0, SMOKE.t5_lr):
+        recipe = DemoRecipe(**{**SMOKE.__dict__, "dit_steps": 4, "clips": 8, "t5_lr": lr})
+        work = tmp_path / f"lr{lr}"
+        work.mkdir()
+        results[lr] = train_dit(recipe, cache, tok_dir, work, 0, torch.device("cpu"), 0, resume=False,
+                                log=Logger(work / "log.jsonl"), progress=False)
+    # train_dit seeds torch with its seed and builds the encoder first: the same draw gives its init
+    torch.manual_seed(0)
+    vocab = Tokenizer.from_folder(tok_dir, text_len=SMOKE.text_len).vocab_size
+    init_t5 = UMT5Encoder(SMOKE.t5_config(vocab)).state_dict()
+    init_dit_state = init_dit(WanDiT(SMOKE.dit_config())).state_dict()
+    frozen, trained = results[0.0], results[SMOKE.t5_lr]
+    assert _states_equal(frozen["t5"].state_dict(), init_t5)
+    assert not _states_equal(trained["t5"].state_dict(), init_t5)
+    assert not _states_equal(frozen["experts"][0].state_dict(), init_dit_state)  # the DiT still learns
+
+
 def test_smoke_run_exports_a_loadable_folder_and_generates(smoke_run):
     import wanx
     from wanx.loading.layout import find_checkpoint

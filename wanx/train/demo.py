@@ -635,6 +635,10 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
     models = {"shared": shared}
     opts = {"shared": torch.optim.AdamW(shared.parameters(), lr=recipe.dit_lr, **adam)}
     emas = {"shared": EMA(shared, recipe.ema_decay)}
+    # t5_lr 0 freezes the encoder at its initialisation: no optimiser, no gradients (and none in
+    # the clipping norm), as Wan trains its DiT against a frozen umT5.
+    frozen_t5 = recipe.t5_lr == 0
+    t5.requires_grad_(not frozen_t5)
     t5_opt = torch.optim.AdamW(t5.parameters(), lr=recipe.t5_lr, **adam)
     t5_ema = EMA(t5, recipe.ema_decay)
     ranges = {"shared": (0.0, 1.0), "high": (recipe.boundary, 1.0), "low": (0.0, recipe.boundary)}
@@ -697,17 +701,19 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
         captions = pick_captions(gen, cache, idx, recipe)
         sigma = sample_sigmas(gen, recipe.dit_batch, recipe.shift, *ranges[name],
                               uniform=name == "low" and recipe.low_expert_uniform_sigma)
-        ctx = encode_captions(t5, tokenizer, captions, recipe.text_len, device)
+        with torch.set_grad_enabled(not frozen_t5):
+            ctx = encode_captions(t5, tokenizer, captions, recipe.text_len, device)
         weight = weights[idx].to(device) if weights is not None else None
         loss = flow_matching_loss(model, latents[idx].to(device), sigma, ctx, gen, weight)
         opt.zero_grad(set_to_none=True)
         t5_opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *t5.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *([] if frozen_t5 else t5.parameters())], 1.0)
         opt.step()
-        t5_opt.step()
         emas[name].update(model)
-        t5_ema.update(t5)
+        if not frozen_t5:
+            t5_opt.step()
+            t5_ema.update(t5)
         step += 1
         recent.setdefault(name, []).append(loss.item())
         recent[name] = recent[name][-50:]

@@ -641,8 +641,9 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
     models = {"shared": shared}
     opts = {"shared": torch.optim.AdamW(shared.parameters(), lr=recipe.dit_lr, **adam)}
     emas = {"shared": EMA(shared, recipe.ema_decay)}
-    # t5_lr 0 freezes the encoder at its initialisation: no optimiser, no gradients (and none in
-    # the clipping norm), as Wan trains its DiT against a frozen umT5.
+    # t5_lr 0 freezes the encoder at its initialisation, as Wan trains its DiT against a frozen
+    # umT5: without requires_grad it builds no graph and its grads stay None, which both AdamW and
+    # the clipping norm skip.
     frozen_t5 = recipe.t5_lr == 0
     t5.requires_grad_(not frozen_t5)
     t5_opt = torch.optim.AdamW(t5.parameters(), lr=recipe.t5_lr, **adam)
@@ -707,18 +708,17 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
         captions = pick_captions(gen, cache, idx, recipe)
         sigma = sample_sigmas(gen, recipe.dit_batch, recipe.shift, *ranges[name],
                               uniform=name == "low" and recipe.low_expert_uniform_sigma)
-        with torch.set_grad_enabled(not frozen_t5):
-            ctx = encode_captions(t5, tokenizer, captions, recipe.text_len, device)
+        ctx = encode_captions(t5, tokenizer, captions, recipe.text_len, device)
         weight = weights[idx].to(device) if weights is not None else None
         loss = flow_matching_loss(model, latents[idx].to(device), sigma, ctx, gen, weight)
         opt.zero_grad(set_to_none=True)
         t5_opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *([] if frozen_t5 else t5.parameters())], 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *t5.parameters()], 1.0)
         opt.step()
+        t5_opt.step()
         emas[name].update(model)
-        if not frozen_t5:
-            t5_opt.step()
+        if not frozen_t5:  # an EMA step on unchanged weights could still move them by rounding
             t5_ema.update(t5)
         step += 1
         recent.setdefault(name, []).append(loss.item())

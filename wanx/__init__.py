@@ -3,9 +3,10 @@
 Importing this package touches no GPU, no disk and no network; heavy modules load on first use.
 """
 
-__version__ = "0.1.0"
+from .errors import Cancelled, GenerationError, InputError
+from .version import __version__
 
-__all__ = ["load_pipeline", "__version__"]
+__all__ = ["load_pipeline", "InputError", "Cancelled", "GenerationError", "__version__"]
 
 
 def load_pipeline(ckpt_dir=None, task=None, device=None, dtype=None, **options):

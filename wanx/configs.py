@@ -8,6 +8,8 @@ constructor defaults; the per-task sizes live in :data:`TASKS`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -40,13 +42,65 @@ def _tuple(v: Any) -> Any:
     return v
 
 
+def _matches(annotation: str, value: Any) -> bool:
+    """Whether a JSON value fits a field annotation such as ``int``, ``tuple[int, ...] | None``."""
+    for option in (a.strip() for a in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option == "Any":
+            return True
+        if option in ("int", "float", "bool", "str") and _scalar_fits(option, value):
+            return True
+        if option.startswith("tuple[") and isinstance(value, (list, tuple)):
+            parts = [p.strip() for p in option[6:-1].split(",")]
+            if parts[-1] == "...":
+                if all(_matches(parts[0], v) for v in value):
+                    return True
+            elif len(parts) == len(value) and all(_matches(p, v) for p, v in zip(parts, value)):
+                return True
+    return False
+
+
+def _scalar_fits(kind: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return kind == "bool"
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
+            "bool": False, "str": isinstance(value, str)}[kind]
+
+
+def check_config_fields(cls, d: Mapping[str, Any], *, strict: bool = False, source: str = "config") -> dict:
+    """The known fields of ``d`` for dataclass ``cls``, each checked against its annotated type.
+
+    A wrongly typed value is an error naming the field. Unknown keys are an error when ``strict``
+    (files wanx owns); otherwise a key that looks like a typo of a field is warned about.
+    """
+    known = {f.name: str(f.type) for f in fields(cls)}
+    unknown = [k for k in d if k not in known]
+    if unknown and strict:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(known)}")
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            warnings.warn(f"{source}: unknown key {key!r} is ignored (did you mean {close[0]!r}?)", stacklevel=3)
+    out = {}
+    for key, value in d.items():
+        if key not in known:
+            continue
+        if not _matches(known[key], value):
+            raise ValueError(f"{source}: {key!r} must be {known[key]}, got {value!r} ({type(value).__name__})")
+        out[key] = _tuple(value)
+    return out
+
+
 class _ConfigMixin:
-    """from_dict / to_dict shared by every config; unknown keys are ignored (config.json extras)."""
+    """from_dict / to_dict shared by every config."""
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: _tuple(v) for k, v in d.items() if k in names})
+    def from_dict(cls, d: Mapping[str, Any], *, strict: bool = False, source: str | None = None):
+        """Build from a JSON dict: types checked; unknown keys an error if ``strict``, else ignored
+        (config.json files carry extras) with a warning for likely typos."""
+        return cls(**check_config_fields(cls, d, strict=strict, source=source or cls.__name__))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -319,9 +373,9 @@ def get_task(name: str) -> TaskSpec:
 
 
 def parse_size(size: str) -> tuple[int, int]:
-    """'W*H' -> (W, H)."""
+    """'W*H' (or 'WxH') -> (W, H)."""
     try:
         w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
-    except ValueError:
+    except (ValueError, AttributeError):
         raise ValueError(f"size must look like 'W*H' (e.g. 1280*720), got {size!r}") from None
     return w, h

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..configs import TASKS, T5Config, TaskSpec, VAEConfig, get_task
+from ..configs import TASKS, T5Config, TaskSpec, VAEConfig, check_config_fields, get_task
 from .safe import CheckpointError
 
 WANX_JSON = "wanx.json"
@@ -36,9 +36,30 @@ class CheckpointLayout:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _config(cls, data: Any, source: str, strict: bool = False):
+    """``cls.from_dict`` with any problem reported as a CheckpointError naming ``source``."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source} must be a JSON object, got {type(data).__name__}")
+    try:
+        return cls.from_dict(data, strict=strict, source=source)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+
+
+def _check_boundary(value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise CheckpointError(f"{source}: boundary must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _has_dit_weights(folder: Path) -> bool:
@@ -52,16 +73,40 @@ def _require(paths: list[tuple[Path, str]]) -> None:
         raise CheckpointError("checkpoint folder is incomplete; missing:\n  " + "\n  ".join(missing))
 
 
-def _apply_task_overrides(spec: TaskSpec, overrides: dict[str, Any]) -> TaskSpec:
+TASK_OVERRIDES = ("supported_sizes", "default_size", "frame_num", "sample_steps", "sample_shift",
+                  "guide_scale", "sample_fps", "boundary", "text_len", "negative_prompt")
+
+
+def _apply_task_overrides(spec: TaskSpec, overrides: dict[str, Any], source: str) -> TaskSpec:
     """wanx.json may adjust the task's defaults (sizes, steps...) for non-standard models."""
-    allowed = {"supported_sizes", "default_size", "frame_num", "sample_steps", "sample_shift",
-               "guide_scale", "sample_fps", "boundary", "text_len", "negative_prompt", "sample_solver"}
-    unknown = set(overrides) - allowed - {"base"}
+    unknown = sorted(set(overrides) - set(TASK_OVERRIDES) - {"base"})
     if unknown:
-        raise CheckpointError(f"{WANX_JSON}: unknown task fields {sorted(unknown)}; allowed: {sorted(allowed)}")
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if k in allowed}
-    kw.pop("sample_solver", None)
+        raise CheckpointError(f"{source}: unknown task field(s) {unknown}; known: base, {', '.join(TASK_OVERRIDES)}")
+    kw = {k: v for k, v in overrides.items() if k != "base"}
+    try:
+        kw = check_config_fields(TaskSpec, kw, strict=True, source=source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if kw.get("boundary") is not None:
+        _check_boundary(kw["boundary"], source)
     return replace(spec, **kw)
+
+
+WANX_JSON_SECTIONS = ("t5", "vae", "task")
+
+
+def _read_wanx_json(root: Path) -> dict[str, Any]:
+    """wanx's own file: every section and key must be known (a typo is an error, not a silent default)."""
+    path = root / WANX_JSON
+    if not path.is_file():
+        return {}
+    extra = _read_json(path)
+    unknown = sorted(set(extra) - set(WANX_JSON_SECTIONS))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown section(s) {unknown}; known: {', '.join(WANX_JSON_SECTIONS)}")
+    if not isinstance(extra.get("task", {}), dict):
+        raise CheckpointError(f"{path} [task] must be a JSON object")
+    return extra
 
 
 def _infer_official_task(root: Path) -> str:
@@ -82,10 +127,10 @@ def _infer_official_task(root: Path) -> str:
 
 
 def _official_layout(root: Path, task: str | None) -> CheckpointLayout:
-    extra = _read_json(root / WANX_JSON) if (root / WANX_JSON).is_file() else {}
+    extra = _read_wanx_json(root)
     task_over = extra.get("task", {})
     spec = get_task(task or task_over.get("base") or _infer_official_task(root))
-    spec = _apply_task_overrides(spec, task_over)
+    spec = _apply_task_overrides(spec, task_over, f"{root / WANX_JSON} [task]")
     if spec.is_moe:
         dit_paths = tuple(root / d for d in spec.expert_dirs)
     else:
@@ -98,8 +143,8 @@ def _official_layout(root: Path, task: str | None) -> CheckpointLayout:
         if not _has_dit_weights(d):
             need.append((d / DIT_WEIGHTS[0], "diffusion transformer weights (or a sharded .index.json)"))
     _require(need)
-    t5_cfg = T5Config.from_dict(extra["t5"]) if "t5" in extra else None
-    vae_cfg = VAEConfig.from_dict(extra["vae"]) if "vae" in extra else None
+    t5_cfg = _config(T5Config, extra["t5"], f"{root / WANX_JSON} [t5]", strict=True) if "t5" in extra else None
+    vae_cfg = _config(VAEConfig, extra["vae"], f"{root / WANX_JSON} [vae]", strict=True) if "vae" in extra else None
     if vae_cfg is not None and vae_cfg.version != spec.vae_version:
         raise CheckpointError(f"{WANX_JSON} gives VAE version {vae_cfg.version} but task {spec.name} "
                               f"uses the Wan{spec.vae_version} VAE")
@@ -126,7 +171,8 @@ def _diffusers_layout(root: Path, task: str | None) -> CheckpointLayout:
     index = _read_json(root / "model_index.json")
     spec = get_task(task or _infer_diffusers_task(root, index))
     if index.get("boundary_ratio") is not None:
-        spec = replace(spec, boundary=float(index["boundary_ratio"]))
+        spec = replace(spec, boundary=_check_boundary(index["boundary_ratio"], f"{root / 'model_index.json'}"))
+    _check_named_components(root, index)
     # diffusers: `transformer` is the high-noise expert, `transformer_2` the low-noise one.
     if spec.is_moe:
         dit_paths = tuple(root / d for d in ("transformer", "transformer_2") if (root / d).is_dir())
@@ -145,6 +191,17 @@ def _diffusers_layout(root: Path, task: str | None) -> CheckpointLayout:
     return CheckpointLayout(root=root, kind="diffusers", spec=spec, tokenizer_dir=root / "tokenizer",
                             t5_path=root / "text_encoder", vae_path=root / "vae", dit_paths=dit_paths,
                             extra={"model_index": index})
+
+
+def _check_named_components(root: Path, index: dict) -> None:
+    """Every model folder model_index.json names must exist (a missing transformer_2 would
+    otherwise silently run the high-noise expert alone)."""
+    for name in ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer"):
+        entry = index.get(name)
+        named = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+        if named and not (root / name).is_dir():
+            raise CheckpointError(f"{root / 'model_index.json'} names {name!r} ({entry[1]}) but the folder "
+                                  f"{root / name} is missing")
 
 
 def find_checkpoint(ckpt_dir: str | Path, task: str | None = None) -> CheckpointLayout:

@@ -235,7 +235,8 @@ class WanDiT(nn.Module):
             return t[:, :num_tokens].expand(batch, num_tokens)  # [B, L]
         raise ValueError(f"t must be [], [B] or [B, >=L] with B={batch}, L={num_tokens}; got {tuple(t.shape)}")
 
-    def embed_text(self, context: torch.Tensor, compact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed_text(self, context: torch.Tensor, compact: bool = False,
+                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Zero-pad ``context [B, L_ctx, text_dim]`` to ``text_len`` and embed -> ``[B, Lk, dim]`` and a key bias.
 
         All text_len positions are attended (no key mask), as the official model does. Every
@@ -254,9 +255,11 @@ class WanDiT(nn.Module):
         context = context.to(self.text_embedding[0].weight.dtype)
         bias = None
         if compact:
-            # Real length of each sample = 1 + the last row with any nonzero entry.
-            nonzero = context.ne(0).any(dim=-1)  # [B, n]
-            lens = (nonzero * torch.arange(1, n + 1, device=context.device)).amax(dim=1)  # [B]
+            if lengths is not None:
+                lens = lengths.to(context.device)  # [B]
+            else:  # real length of each sample = 1 + the last row with any nonzero entry
+                nonzero = context.ne(0).any(dim=-1)  # [B, n]
+                lens = (nonzero * torch.arange(1, n + 1, device=context.device)).amax(dim=1)  # [B]
             keep = min(text_len, int(lens.max()) + 1)  # at least one zero row stands for the padding
             if keep < text_len:
                 context = F.pad(context, (0, 0, 0, keep - n)) if keep >= n else context[:, :keep]
@@ -288,13 +291,17 @@ class WanDiT(nn.Module):
         return x.reshape(b, c, t * pt, h * ph, w * pw)  # [B, C, T, H, W]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the flow velocity: ``x [B, C, T, H, W]`` -> float32 ``[B, out_dim, T, H, W]``."""
+                y: torch.Tensor | None = None, context_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity: ``x [B, C, T, H, W]`` -> float32 ``[B, out_dim, T, H, W]``.
+
+        ``context_lens [B]``: each prompt's length, when the caller knows it (the rows after it
+        must be zero); otherwise it is read off the zero rows.
+        """
         b = x.shape[0]
         if self._runs_sample_by_sample(x):
-            outs = [self._forward_batch(*_sample(i, b, x, t, context, y)) for i in range(b)]
+            outs = [self._forward_batch(*_sample(i, b, x, t, context, y, context_lens)) for i in range(b)]
             return torch.cat(outs)  # [B, out_dim, T, H, W]
-        return self._forward_batch(x, t, context, y)
+        return self._forward_batch(x, t, context, y, context_lens)
 
     # One sample's FFN hidden state above this many bytes makes "auto" split a CPU batch.
     SPLIT_BATCH_BYTES = 8 << 20
@@ -318,13 +325,14 @@ class WanDiT(nn.Module):
         return not torch.is_grad_enabled() and hidden_bytes >= self.SPLIT_BATCH_BYTES
 
     def _forward_batch(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                       y: torch.Tensor | None) -> torch.Tensor:
+                       y: torch.Tensor | None, context_lens: torch.Tensor | None = None) -> torch.Tensor:
         """The whole batch in one pass (see :meth:`forward`)."""
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, C + C_y, T, H, W]
         x, grid = self.patchify(x)  # [B, L, dim]
         e, e0 = self.embed_time(torch.as_tensor(t, device=x.device), x.shape[0], x.shape[1])
-        context, ctx_bias = self.embed_text(context.to(x.device), compact=self._can_compact_text(x))
+        context, ctx_bias = self.embed_text(context.to(x.device), compact=self._can_compact_text(x),
+                                            lengths=context_lens)
         rope = self.rope(grid, x.device)  # [L, 1, head_dim/2] complex64
         for block in self.blocks:
             x = block(x, e0, context, rope, ctx_bias)
@@ -333,11 +341,11 @@ class WanDiT(nn.Module):
         return self.unpatchify(x, grid).float()
 
 
-def _sample(i: int, b: int, x, t, context, y):
+def _sample(i: int, b: int, *tensors):
     """Sample ``i`` of a batch of ``b``: tensors with a batch axis are sliced, shared ones kept."""
     def pick(v):
         if v is None:
             return None
         v = torch.as_tensor(v)
         return v[i:i + 1] if v.dim() >= 1 and v.shape[0] == b else v
-    return pick(x), pick(t), pick(context), pick(y)
+    return tuple(pick(v) for v in tensors)

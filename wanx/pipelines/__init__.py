@@ -1,6 +1,6 @@
 """Pipelines: one shared `generate()` for T2V-A14B, I2V-A14B and TI2V-5B."""
 
-from .common import GenerateRequest, PipelineOptions, WanPipeline
-from .loader import demo_checkpoint_dir, load_pipeline
+from .loader import demo_checkpoint_dir, describe_checkpoint, load_pipeline
+from .pipeline import PipelineOptions, WanPipeline
 
-__all__ = ["WanPipeline", "PipelineOptions", "GenerateRequest", "load_pipeline", "demo_checkpoint_dir"]
+__all__ = ["WanPipeline", "PipelineOptions", "load_pipeline", "describe_checkpoint", "demo_checkpoint_dir"]

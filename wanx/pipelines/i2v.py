@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-
-def i2v_latent_size(img_h: int, img_w: int, max_area: int, vae_stride: int, patch: int) -> tuple[int, int]:
-    """(lat_h, lat_w) keeping the image's aspect ratio within ``max_area`` pixels.
-
-    # parity: the official rounds sqrt(area*aspect) down to a multiple of (stride*patch) via floor
-    # division on floats, then round() — reproduced exactly so sizes match the official pipeline.
-    """
-    aspect = img_h / img_w
-    lat_h = round(math.sqrt(max_area * aspect) // vae_stride // patch * patch)
-    lat_w = round(math.sqrt(max_area / aspect) // vae_stride // patch * patch)
-    if lat_h == 0 or lat_w == 0:
-        raise ValueError(f"size area {max_area} is too small for a {img_w}x{img_h} image")
-    return lat_h, lat_w
+from ..geometry import i2v_latent_size  # noqa: F401  (re-exported: the size rule lives in wanx.geometry)
 
 
 def first_frame_mask(frame_num: int, lat_h: int, lat_w: int, device=None) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""`load_pipeline`: read a checkpoint folder (official or diffusers) into a ready `WanPipeline`."""
+"""`load_pipeline`: read a checkpoint folder (official or diffusers) into a ready `WanPipeline`.
+
+`describe_checkpoint` reads the same folder's configs only, so the resolver can check a request
+against it before any weight is loaded.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..device import resolve_device, resolve_dtype
+from ..device import VAE_DTYPE, dit_dtype, resolve_device, resolve_dtype
 from ..loading.layout import CheckpointLayout, find_checkpoint
 from ..loading.safe import CheckpointError
-from .common import PipelineOptions, WanPipeline
+from ..request import ModelFacts
+from .pipeline import PipelineOptions, WanPipeline
 
 log = logging.getLogger("wanx")
 
@@ -26,8 +31,35 @@ def demo_checkpoint_dir() -> Path:
     return DEMO_DIR
 
 
+def describe_checkpoint(ckpt_dir=None, task: str | None = None) -> tuple[CheckpointLayout, ModelFacts]:
+    """The folder's layout and the facts the resolver needs, from its config files only."""
+    from ..loading.dit import dit_config_from_json
+    from ..loading.layout import _read_json
+
+    layout = find_checkpoint(ckpt_dir if ckpt_dir is not None else demo_checkpoint_dir(), task=task)
+    configs = []
+    for folder in layout.dit_paths:
+        path = folder / "config.json"
+        try:
+            configs.append(dit_config_from_json(_read_json(path)))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    if len(set(configs)) > 1:
+        raise CheckpointError(f"the experts' config.json files disagree: "
+                              f"{', '.join(str(p / 'config.json') for p in layout.dit_paths)}")
+    spec = layout.spec
+    if layout.vae_config is not None and layout.vae_config.strides != spec.vae_stride:
+        from dataclasses import replace
+
+        spec = replace(spec, vae_strides=layout.vae_config.strides)
+    return layout, ModelFacts(spec=spec, dit=configs[0], num_experts=len(layout.dit_paths))
+
+
 def checkpoint_identity(layout: CheckpointLayout) -> dict:
-    """A cheap fingerprint of the checkpoint (config hashes and weight sizes) for the video's recipe."""
+    """Folder name, layout and a cheap fingerprint (config hashes and weight sizes) for the recipe.
+
+    The full local path is left out: videos get shared, and a path says things about its owner.
+    """
     digest = hashlib.sha256()
     total = 0
     for folder in layout.dit_paths:
@@ -37,15 +69,20 @@ def checkpoint_identity(layout: CheckpointLayout) -> dict:
         for f in sorted(folder.glob("*.safetensors")):
             total += f.stat().st_size
             digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    return {"path": str(layout.root), "layout": layout.kind, "dit_fingerprint": digest.hexdigest()[:16],
-            "dit_bytes": total}
+    return {"name": layout.root.resolve().name, "layout": layout.kind,
+            "dit_fingerprint": digest.hexdigest()[:16], "dit_bytes": total}
 
 
 def _load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype):
     from ..loading.t5 import load_t5
     from ..text import TextEncoder, Tokenizer
 
-    tokenizer = Tokenizer.from_folder(layout.tokenizer_dir, text_len=layout.spec.text_len)
+    try:
+        tokenizer = Tokenizer.from_folder(layout.tokenizer_dir, text_len=layout.spec.text_len)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # the tokenizers library raises its own untyped errors for a corrupt file
+        raise CheckpointError(f"cannot read the tokenizer {layout.tokenizer_dir / 'tokenizer.json'}: {e}") from None
     model = load_t5(layout.t5_path, config=layout.t5_config, dtype=dtype, device="cpu")
     return TextEncoder(tokenizer, model, text_len=layout.spec.text_len)
 
@@ -53,9 +90,8 @@ def _load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype):
 def _load_vae(layout: CheckpointLayout, device: torch.device):
     from ..loading.vae import load_vae
 
-    # parity: the official VAE wrappers run in float32 whatever the DiT dtype.
     return load_vae(layout.vae_path, config=layout.vae_config, version=layout.spec.vae_version,
-                    dtype=torch.float32, device=device)
+                    dtype=VAE_DTYPE, device=device)
 
 
 def _load_experts(layout: CheckpointLayout, dtype: torch.dtype, device: torch.device, offload: bool):
@@ -73,18 +109,15 @@ def load_pipeline(ckpt_dir=None, task: str | None = None, device=None, dtype=Non
     ``dtype`` is the DiT and text-encoder compute dtype (default float32 on CPU, bfloat16 on CUDA);
     ``convert_model_dtype`` forces the DiT to bfloat16 as the official flag does. The VAE runs in fp32.
     """
-    layout = find_checkpoint(ckpt_dir if ckpt_dir is not None else demo_checkpoint_dir(), task=task)
     device = resolve_device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = resolve_dtype(dtype, device)
-    dit_dtype = torch.bfloat16 if convert_model_dtype else dtype
+    layout, _ = describe_checkpoint(ckpt_dir, task)  # every config checked before any weight is read
     options = PipelineOptions(offload_model=offload_model, t5_cpu=t5_cpu,
                               convert_model_dtype=convert_model_dtype, batch_cfg=batch_cfg,
                               vae_tiling=vae_tiling, compile=compile)
     text_encoder = _load_text_encoder(layout, dtype)
     vae = _load_vae(layout, device)
-    experts = _load_experts(layout, dit_dtype, device, offload_model)
+    experts = _load_experts(layout, dit_dtype(dtype, convert_model_dtype), device, offload_model)
     log.info("loaded %s (%s layout) from %s on %s", layout.spec.name, layout.kind, layout.root, device)
     return WanPipeline(layout.spec, text_encoder, vae, experts, device=device, options=options,
                        checkpoint=checkpoint_identity(layout))

@@ -4,27 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..media import pil_to_tensor
-
-
-def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
-    """(ow, oh): multiples of (dw, dh) with area <= expected_area and the aspect ratio closest to w/h.
-
-    Tries rounding the width first and the height first and keeps the better one, as the official.
-    """
-    ratio = w / h
-    ow = (expected_area * ratio) ** 0.5
-    oh = expected_area / ow
-    ow1 = int(ow // dw * dw)
-    oh1 = int(expected_area / ow1 // dh * dh)
-    oh2 = int(oh // dh * dh)
-    ow2 = int(expected_area / oh2 // dw * dw)
-    if min(ow1, oh1, ow2, oh2) <= 0:
-        raise ValueError(f"size area {expected_area} is too small for a {w}x{h} image")
-    r1, r2 = ow1 / oh1, ow2 / oh2
-    if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio):
-        return ow1, oh1
-    return ow2, oh2
+from ..geometry import best_output_size
+from ..images import pil_to_tensor
 
 
 def prepare_ti2v_image(img, max_area: int, multiple: int) -> torch.Tensor:

@@ -1,12 +1,14 @@
-"""Text conditioning: prompt -> umT5 token ids -> per-prompt context ``[L_i, dim]``.
+"""Text conditioning: prompt -> umT5 token ids -> context.
 
 ``TextEncoder.encode`` returns each prompt's context trimmed to its true length (EOS included),
-as the official ``T5EncoderModel.__call__`` does; ``pad_context`` zero-pads a list of them into
-the ``[B, text_len, dim]`` batch the DiT receives.
+as the official ``T5EncoderModel.__call__`` does. ``TextEncoder.context`` gives what flows on to
+the DiT: a :class:`TextContext`, the contexts zero-padded to the longest one plus their lengths,
+so nothing downstream has to rediscover where the padding starts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -14,7 +16,29 @@ import torch
 from .tokenizer import Tokenizer, clean_prompt
 from .umt5 import UMT5Encoder
 
-__all__ = ["UMT5Encoder", "Tokenizer", "clean_prompt", "TextEncoder", "pad_context"]
+__all__ = ["UMT5Encoder", "Tokenizer", "clean_prompt", "TextEncoder", "TextContext", "pad_context"]
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """``context [B, L, dim]``, zero after each prompt's ``lengths [B]`` (long, CPU); L = the longest."""
+
+    context: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, device: str | torch.device) -> "TextContext":
+        return TextContext(self.context.to(device), self.lengths)
+
+    @classmethod
+    def from_list(cls, contexts: Sequence[torch.Tensor]) -> "TextContext":
+        """Stack per-prompt ``[L_i, dim]`` contexts."""
+        lengths = torch.tensor([c.shape[0] for c in contexts], dtype=torch.long)
+        return cls(pad_context(contexts, int(lengths.max())), lengths)
+
+    @classmethod
+    def cat(cls, parts: Sequence["TextContext"]) -> "TextContext":
+        """One batch from several (e.g. conditional + unconditional for batched guidance)."""
+        return cls.from_list([c[:n] for p in parts for c, n in zip(p.context, p.lengths.tolist())])
 
 
 def pad_context(contexts: Sequence[torch.Tensor], text_len: int = 512) -> torch.Tensor:
@@ -62,6 +86,15 @@ class TextEncoder:
         return [c[:n] for c, n in zip(context, lengths)]
 
     __call__ = encode
+
+    def context(self, prompts: str | Sequence[str]) -> TextContext:
+        """The prompts' :class:`TextContext`, each prompt encoded alone.
+
+        # parity: the official encodes each prompt as a batch of one; batching prompts would change
+        # the GEMM shapes and with them the last bits of the result.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return TextContext.from_list([self.encode([p])[0] for p in prompts])
 
     def encode_padded(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """``pad_context(encode(prompts), text_len)``: ``[B, text_len, dim]``."""

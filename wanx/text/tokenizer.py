@@ -99,6 +99,18 @@ class Tokenizer:
         eos = _configured_token(folder, "eos_token") or "</s>"
         return cls(Backend.from_file(str(file)), text_len=text_len, pad_token=pad, eos_token=eos)
 
+    def unknown_words(self, text: str, unk_token: str = "<unk>") -> list[str]:
+        """The words of ``text`` the vocabulary lacks (each becomes the unknown token), in order, once each."""
+        unk = self.backend.token_to_id(unk_token)
+        if unk is None:
+            return []
+        cleaned = clean_prompt(text)
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        enc = self.backend.encode(cleaned, add_special_tokens=False)
+        words = [cleaned[a:b].strip() for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+        return list(dict.fromkeys(w for w in words if w))
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -1,0 +1,278 @@
+"""The one resolver: user arguments + a checkpoint's configs -> a frozen, checked `GenerationRequest`.
+
+Every entry point (the CLI, ``WanPipeline.generate``, later the server and batch runner) calls
+:func:`resolve_request`. It reads only configs (through :class:`ModelFacts`), never weights, so
+every mistake below is reported in well under a second, before anything heavy happens, as a
+:class:`wanx.InputError` naming the argument and what it accepts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import check_output_path
+from .configs import NUM_TRAIN_TIMESTEPS, DiTConfig, TaskSpec, parse_size
+from .errors import InputError
+from .geometry import best_output_size, i2v_latent_size
+from .images import ImageInput, read_image
+
+ROPE_MAX_POSITIONS = 1024  # per axis (wanx.model.rope.MAX_POSITIONS, the official table size)
+SEED_LIMIT = 2**64
+OUTPUT_SUFFIXES = (".mp4",)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the resolver needs to know of a checkpoint; read from its configs, never its weights."""
+
+    spec: TaskSpec  # with wanx.json / model_index.json overrides and the loaded VAE's strides
+    dit: DiTConfig  # the (first) expert's config.json
+    num_experts: int
+
+    @property
+    def model_type(self) -> str:
+        return self.dit.model_type
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be divisible by the VAE's spatial stride x the DiT's patch."""
+        return self.spec.vae_stride[1] * self.dit.patch_size[1]
+
+    @property
+    def two_experts(self) -> bool:
+        return self.num_experts > 1 or self.spec.is_moe
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Every setting of one generation, defaults filled and checked."""
+
+    task: str
+    prompt: str
+    negative_prompt: str
+    image: Any  # an RGB PIL image, a [3, H, W] tensor in [-1, 1], or None
+    image_name: str | None  # file name for the recipe (never a full path)
+    size: tuple[int, int]  # (W, H) as asked (the max area for image inputs)
+    video_size: tuple[int, int]  # (W, H) of the frames that will come out
+    latent_grid: tuple[int, int, int]  # (T, h, w) latent frames and pixels
+    frame_num: int
+    sample_steps: int
+    sample_shift: float
+    guide_scale: tuple[float, float]  # (low_noise, high_noise)
+    boundary: float | None  # None: one expert
+    sample_solver: str
+    seed: int
+    output: Path | None = None  # where the CLI will save, checked writable
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that decide the frames, for the video's metadata."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "image": self.image_name,
+                "size": f"{self.size[0]}*{self.size[1]}", "frame_num": self.frame_num,
+                "sample_steps": self.sample_steps, "sample_shift": self.sample_shift,
+                "sample_guide_scale": list(self.guide_scale), "boundary": self.boundary,
+                "sample_solver": self.sample_solver, "seed": self.seed}
+
+
+def resolve_request(facts: ModelFacts, prompt: Any, negative_prompt: Any = None, image: Any = None,
+                    size: Any = None, frame_num: Any = None, sample_steps: Any = None,
+                    sample_shift: Any = None, guide_scale: Any = None, boundary: Any = None,
+                    sample_solver: Any = "unipc", seed: Any = -1, *, allow_any_size: bool = False,
+                    save_file: Any = None, overwrite: bool = False) -> GenerationRequest:
+    """Fill every ``None`` with the task's default and check everything; raises :class:`InputError`."""
+    spec = facts.spec
+    prompt_text = _text("prompt", prompt, required=True)
+    negative = _text("negative_prompt", negative_prompt) or spec.negative_prompt
+    frames = _frame_num(spec.frame_num if frame_num is None else frame_num)
+    img = _image_for_task(facts, image)
+    w, h = _size(facts, spec.default_size if size is None else size, img is not None, allow_any_size)
+    video_size, grid = _output_grid(facts, (w, h), frames, img)
+    steps = _positive_int("sample_steps", spec.sample_steps if sample_steps is None else sample_steps)
+    shift = _finite("sample_shift", spec.sample_shift if sample_shift is None else sample_shift)
+    if shift <= 0:
+        raise InputError("sample_shift", f"{{arg}} must be > 0, got {shift}")
+    return GenerationRequest(
+        task=spec.name, prompt=prompt_text, negative_prompt=negative, image=img.image if img else None,
+        image_name=img.name if img else None, size=(w, h), video_size=video_size, latent_grid=grid,
+        frame_num=frames, sample_steps=steps, sample_shift=shift,
+        guide_scale=_guide_scale(facts, spec.guide_scale if guide_scale is None else guide_scale),
+        boundary=_boundary(facts, boundary), sample_solver=_solver(sample_solver), seed=_seed(seed),
+        output=_output(save_file, overwrite))
+
+
+# ------------------------------------------------------------------------------------ scalars
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """An integer >= 1; an integral float (5.0) is accepted, 5.5 or "5" are not."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise InputError(name, f"{{arg}} must be a whole number, got {value!r}")
+    if value < 1:
+        raise InputError(name, f"{{arg}} must be >= 1, got {value}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(name, f"{{arg}} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _text(name: str, value: Any, required: bool = False) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(name, f"{{arg}} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise InputError(name, "{arg} is empty; describe the video, e.g. \"a red circle moving left\"")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(name, f"{{arg}} is not valid text (character {e.start} cannot be encoded "
+                               f"as UTF-8)") from None
+    return value
+
+
+def _frame_num(value: Any) -> int:
+    frames = _positive_int("frame_num", value)
+    if (frames - 1) % 4:
+        raise InputError("frame_num", f"{{arg}} must be 4n+1 (1, 5, 9, ..., 81, 121), got {frames}")
+    return frames
+
+
+def _seed(value: Any) -> int:
+    if value is None or (_is_int(value) and value == -1):
+        return random.randint(0, sys.maxsize)  # as the official generate.py
+    if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+        raise InputError("seed", f"{{arg}} must be an integer in [0, 2^64) or -1 (random), got {value!r}")
+    return int(value)
+
+
+def _solver(name: Any) -> str:
+    from .sampling import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise InputError("sample_solver", f"unknown {{arg}} {name!r}; choose from {', '.join(SAMPLERS)}")
+    return name
+
+
+def _guide_scale(facts: ModelFacts, value: Any) -> tuple[float, float]:
+    """A float or the official ``(low_noise, high_noise)`` pair -> (low, high)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise InputError("guide_scale", f"{{arg}} is one number or a (low_noise, high_noise) pair, "
+                                            f"got {len(value)} values")
+        low, high = (_finite("guide_scale", v) for v in value)
+        if low != high and not facts.two_experts:
+            raise InputError("guide_scale", f"{{arg}} ({low}, {high}) sets one scale per expert, but "
+                                            f"{facts.spec.name} has one expert; give one number")
+        return low, high
+    scale = _finite("guide_scale", value)
+    return scale, scale
+
+
+def _boundary(facts: ModelFacts, value: Any) -> float | None:
+    if not facts.two_experts:
+        if value is not None:
+            raise InputError("boundary", f"{{arg}} switches between two experts; {facts.spec.name} has one")
+        return None
+    ratio = _finite("boundary", facts.spec.boundary if value is None else value)
+    if not 0.0 <= ratio <= 1.0:
+        raise InputError("boundary", f"{{arg}} is a ratio of {NUM_TRAIN_TIMESTEPS} timesteps in [0, 1] "
+                                     f"(0.875: the high-noise expert while t >= 875), got {ratio}")
+    return ratio
+
+
+def _output(save_file: Any, overwrite: bool) -> Path | None:
+    if save_file is None:
+        return None
+    path = Path(save_file)
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError("save_file", f"{{arg}} {path}: wanx writes H.264 .mp4 files; "
+                                      f"use a name ending in .mp4")
+    try:
+        return check_output_path(path, overwrite=overwrite, what="{arg}")
+    except FileExistsError as e:
+        raise InputError("save_file", f"{e}") from None
+    except OSError as e:
+        raise InputError("save_file", str(e)) from None
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+def _image_for_task(facts: ModelFacts, image: Any) -> ImageInput | None:
+    if image is None:
+        if facts.model_type == "i2v":
+            raise InputError("image", f"task {facts.spec.name} needs an input image ({{arg}})")
+        return None
+    if facts.model_type not in ("i2v", "ti2v"):
+        raise InputError("image", f"task {facts.spec.name} is text-to-video and takes no image ({{arg}}); "
+                                  f"image-to-video tasks: i2v-A14B, ti2v-5B")
+    checked = read_image(image)
+    if facts.model_type == "ti2v" and not hasattr(checked.image, "resize"):
+        raise InputError("image", "{arg}: ti2v resizes and crops its image as the official does; "
+                                  "give a file path or a PIL image, not a tensor")
+    return checked
+
+
+def _size(facts: ModelFacts, size: Any, has_image: bool, allow_any_size: bool) -> tuple[int, int]:
+    spec = facts.spec
+    try:
+        w, h = parse_size(size) if isinstance(size, str) else size
+    except (TypeError, ValueError):
+        raise InputError("size", f"{{arg}} must be 'W*H' or (W, H), e.g. 1280*720, got {size!r}") from None
+    if not (_is_int(w) and _is_int(h)) or w <= 0 or h <= 0:
+        raise InputError("size", f"{{arg}} needs two positive whole numbers, got {size!r}")
+    multiple = facts.size_multiple
+    # For i2v the size is a pixel budget (the image's aspect decides the shape), as in the official.
+    if not (has_image and facts.model_type == "i2v") and (w % multiple or h % multiple):
+        raise InputError("size", f"{{arg}} {w}*{h} is not divisible by {multiple} (VAE stride x patch) "
+                                 f"for task {spec.name}")
+    if not allow_any_size and f"{w}*{h}" not in spec.supported_sizes:
+        raise InputError("size", f"{{arg}} {w}*{h} is not supported by {spec.name}; supported: "
+                                 f"{', '.join(spec.supported_sizes)} (or allow any size: "
+                                 f"allow_any_size=True, CLI --allow_any_size)")
+    return int(w), int(h)
+
+
+def _output_grid(facts: ModelFacts, size: tuple[int, int], frames: int,
+                 image: ImageInput | None) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """(video (W, H), latent grid (T, h, w)) that the model will produce; checks the RoPE limits."""
+    stride_t, stride_s = facts.spec.vae_stride[0], facts.spec.vae_stride[1]
+    w, h = size
+    try:
+        if image is not None and facts.model_type == "i2v":
+            lat_h, lat_w = i2v_latent_size(image.height, image.width, w * h, stride_s, facts.dit.patch_size[1])
+        elif image is not None:  # ti2v: cover-resize and centre-crop to the best size within the area
+            ow, oh = best_output_size(image.width, image.height, facts.size_multiple, facts.size_multiple, w * h)
+            lat_h, lat_w = oh // stride_s, ow // stride_s
+        else:
+            lat_h, lat_w = h // stride_s, w // stride_s
+    except ValueError as e:
+        raise InputError("size", f"{{arg}}: {e}") from None
+    grid = ((frames - 1) // stride_t + 1, lat_h, lat_w)
+    tokens = tuple(n // p for n, p in zip(grid, facts.dit.patch_size))
+    for axis, name, n in zip(range(3), ("frame_num", "size", "size"), tokens):
+        if n > ROPE_MAX_POSITIONS:
+            what = ("frames", "height", "width")[axis]
+            raise InputError(name, f"{{arg}}: the model's position table covers {ROPE_MAX_POSITIONS} "
+                                   f"tokens per axis; this {what} needs {n}")
+    return (lat_w * stride_s, lat_h * stride_s), grid
+
+
+def default_output_name(task: str, video_size: tuple[int, int], prompt: str, stamp: str) -> str:
+    """`<task>_<W>x<H>_<prompt words>_<stamp>.mp4`: no characters that shells or file systems mind."""
+    import re
+
+    stem = re.sub(r"[^\w\-]+", "_", prompt[:50], flags=re.ASCII).strip("_") or "video"
+    return f"{task}_{video_size[0]}x{video_size[1]}_{stem}_{stamp}.mp4"

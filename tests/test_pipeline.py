@@ -71,9 +71,9 @@ def test_expert_switch_and_guidance_follow_the_boundary(t2v_pipe, monkeypatch):
     def spy(name, model):
         forward = model.forward
 
-        def wrapped(x, t, context, y=None):
+        def wrapped(x, t, context, **kw):
             calls.append((name, float(t.flatten()[0]), x.shape[0]))
-            return forward(x, t, context, y=y)
+            return forward(x, t, context, **kw)
         return wrapped
 
     monkeypatch.setattr(high, "forward", spy("high", high))
@@ -89,7 +89,7 @@ def test_guide_scale_one_skips_the_unconditional_pass(t2v_pipe, monkeypatch):
     batches = []
     for m in t2v_pipe.experts:
         forward = m.forward
-        monkeypatch.setattr(m, "forward", lambda x, t, c, y=None, f=forward: batches.append(x.shape[0]) or f(x, t, c, y=y))
+        monkeypatch.setattr(m, "forward", lambda x, t, c, f=forward, **kw: batches.append(x.shape[0]) or f(x, t, c, **kw))
     _gen(t2v_pipe, guide_scale=1.0)
     assert batches == [1] * 4
 
@@ -184,7 +184,7 @@ def test_ti2v_image_first_frame_is_kept(ti2v_pipe, monkeypatch):
     seen = []
     model = ti2v_pipe.experts[0]
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda x, t, c, y=None: seen.append(t.clone()) or forward(x, t, c, y=y))
+    monkeypatch.setattr(model, "forward", lambda x, t, c, **kw: seen.append(t.clone()) or forward(x, t, c, **kw))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     video = _gen(ti2v_pipe, image=img)
     assert video.tensor.shape == (3, 5, 64, 64)

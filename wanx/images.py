@@ -71,7 +71,9 @@ def _read_file(path: Path, argument: str) -> ImageInput:
             rgb = im.convert("RGB")
     except UnidentifiedImageError:
         raise InputError(argument, f"{{arg}} {path} is not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own guard fires in open() before ours can
+        raise InputError(argument, f"{{arg}} {path} is too large: {e} (limit {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputError(argument, f"{{arg}} {path} is corrupt or truncated ({e})") from None
     return ImageInput(rgb, path.name, rgb.width, rgb.height)
 

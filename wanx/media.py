@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_output
+
 RECIPE_KEY = "comment"  # mp4 'udta ©cmt' atom: survives remuxing and is shown by ffprobe/players
 
 
@@ -53,19 +55,27 @@ class Video:
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, metadata: dict | None = None,
               overwrite: bool = False, crf: int = 17) -> Path:
-    """Encode uint8 [F,H,W,3] frames to H.264 (yuv420p) with PyAV; refuses to replace a file unasked."""
-    import av
+    """Encode uint8 [F,H,W,3] frames to H.264 (yuv420p) with PyAV, published atomically.
 
+    Without ``overwrite`` an existing ``path`` (even one that appears while encoding) is never
+    replaced: :class:`FileExistsError`.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     f, h, w, _ = frames.shape
     # yuv420p needs even sizes; pad by edge replication rather than cropping user content.
     ph, pw = h + (h % 2), w + (w % 2)
     if (ph, pw) != (h, w):
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    tmp = path.with_name(path.name + ".partial")
+    with atomic_output(path, overwrite=overwrite) as tmp:  # only a complete file ever gets the final name
+        _encode_h264(tmp, frames, fps, metadata, crf, (pw, ph))
+    return path
+
+
+def _encode_h264(tmp: Path, frames: np.ndarray, fps: float, metadata: dict | None, crf: int,
+                 size: tuple[int, int]) -> None:
+    import av
+
+    pw, ph = size
     with av.open(str(tmp), mode="w", format="mp4") as container:
         if metadata:
             container.metadata[RECIPE_KEY] = json.dumps(metadata, ensure_ascii=False, default=str)
@@ -77,8 +87,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, metadata
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)  # only a complete file ever carries the final name
-    return path
 
 
 def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float, dict]:
@@ -95,23 +103,3 @@ def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float, dict]:
     except json.JSONDecodeError:
         recipe = {"raw": raw}
     return frames, fps, recipe
-
-
-def load_image(path: str | os.PathLike):
-    """Open an image as RGB PIL; a missing or unreadable file is a clear error."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"{path} is not a readable image") from None
-
-
-def pil_to_tensor(img) -> torch.Tensor:
-    """PIL RGB -> [3,H,W] float in [-1,1] (as the official TF.to_tensor().sub_(0.5).div_(0.5))."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)

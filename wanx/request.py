@@ -8,6 +8,7 @@ every mistake below is reported in well under a second, before anything heavy ha
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import random
@@ -21,6 +22,8 @@ from .configs import NUM_TRAIN_TIMESTEPS, DiTConfig, TaskSpec, parse_size
 from .errors import InputError
 from .geometry import best_output_size, i2v_latent_size
 from .images import ImageInput, read_image
+
+log = logging.getLogger("wanx")
 
 ROPE_MAX_POSITIONS = 1024  # per axis (wanx.model.rope.MAX_POSITIONS, the official table size)
 SEED_LIMIT = 2**64
@@ -82,7 +85,7 @@ class GenerationRequest:
 def resolve_request(facts: ModelFacts, prompt: Any, negative_prompt: Any = None, image: Any = None,
                     size: Any = None, frame_num: Any = None, sample_steps: Any = None,
                     sample_shift: Any = None, guide_scale: Any = None, boundary: Any = None,
-                    sample_solver: Any = "unipc", seed: Any = -1, *, allow_any_size: bool = False,
+                    sample_solver: Any = "unipc", seed: Any = -1, *, allow_any_size: bool | None = False,
                     save_file: Any = None, overwrite: bool = False) -> GenerationRequest:
     """Fill every ``None`` with the task's default and check everything; raises :class:`InputError`."""
     spec = facts.spec
@@ -194,8 +197,11 @@ def _boundary(facts: ModelFacts, value: Any) -> float | None:
 
 
 def _output(save_file: Any, overwrite: bool) -> Path | None:
-    if save_file is None:
-        return None
+    return None if save_file is None else check_output(save_file, overwrite)
+
+
+def check_output(save_file: Any, overwrite: bool = False) -> Path:
+    """An .mp4 path that can be written (a folder or an existing file without ``overwrite`` cannot)."""
     path = Path(save_file)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError("save_file", f"{{arg}} {path}: wanx writes H.264 .mp4 files; "
@@ -219,13 +225,15 @@ def _image_for_task(facts: ModelFacts, image: Any) -> ImageInput | None:
         raise InputError("image", f"task {facts.spec.name} is text-to-video and takes no image ({{arg}}); "
                                   f"image-to-video tasks: i2v-A14B, ti2v-5B")
     checked = read_image(image)
-    if facts.model_type == "ti2v" and not hasattr(checked.image, "resize"):
+    if facts.model_type == "ti2v" and checked.name == "<tensor>":
         raise InputError("image", "{arg}: ti2v resizes and crops its image as the official does; "
                                   "give a file path or a PIL image, not a tensor")
     return checked
 
 
-def _size(facts: ModelFacts, size: Any, has_image: bool, allow_any_size: bool) -> tuple[int, int]:
+def _size(facts: ModelFacts, size: Any, has_image: bool, allow_any_size: bool | None) -> tuple[int, int]:
+    """(W, H). Outside the task's official sizes: an error if ``allow_any_size`` is False (the CLI,
+    as the official generate.py), a warning if None (the Python API's default), silent if True."""
     spec = facts.spec
     try:
         w, h = parse_size(size) if isinstance(size, str) else size
@@ -238,10 +246,13 @@ def _size(facts: ModelFacts, size: Any, has_image: bool, allow_any_size: bool) -
     if not (has_image and facts.model_type == "i2v") and (w % multiple or h % multiple):
         raise InputError("size", f"{{arg}} {w}*{h} is not divisible by {multiple} (VAE stride x patch) "
                                  f"for task {spec.name}")
-    if not allow_any_size and f"{w}*{h}" not in spec.supported_sizes:
-        raise InputError("size", f"{{arg}} {w}*{h} is not supported by {spec.name}; supported: "
-                                 f"{', '.join(spec.supported_sizes)} (or allow any size: "
-                                 f"allow_any_size=True, CLI --allow_any_size)")
+    if allow_any_size is not True and f"{w}*{h}" not in spec.supported_sizes:
+        message = (f"{{arg}} {w}*{h} is not supported by {spec.name}; supported: "
+                   f"{', '.join(spec.supported_sizes)} (or allow any size: allow_any_size=True, "
+                   f"CLI --allow_any_size)")
+        if allow_any_size is False:
+            raise InputError("size", message)
+        log.warning(message.replace("{arg}", "size") + "; generating anyway")
     return int(w), int(h)
 
 

@@ -48,6 +48,9 @@ def describe_checkpoint(ckpt_dir=None, task: str | None = None) -> tuple[Checkpo
         raise CheckpointError(f"the experts' config.json files disagree: "
                               f"{', '.join(str(p / 'config.json') for p in layout.dit_paths)}")
     spec = layout.spec
+    if configs[0].model_type != spec.dit.model_type:
+        raise CheckpointError(f"{layout.dit_paths[0] / 'config.json'} describes a {configs[0].model_type} model "
+                              f"(in_dim {configs[0].in_dim}); task {spec.name} needs a {spec.dit.model_type} model")
     if layout.vae_config is not None and layout.vae_config.strides != spec.vae_stride:
         from dataclasses import replace
 

@@ -74,6 +74,7 @@ class WanPipeline:
 
     def resolve(self, prompt: str, *args, **kwargs) -> GenerationRequest:
         """:func:`wanx.request.resolve_request` for this checkpoint (same arguments as :meth:`generate`)."""
+        kwargs.setdefault("allow_any_size", None)  # the API warns about unofficial sizes
         return resolve_request(self.facts, prompt, *args, **kwargs)
 
     def encode_prompts(self, prompt: str, negative: str) -> tuple[TextContext, TextContext]:
@@ -114,15 +115,23 @@ class WanPipeline:
     def generate(self, prompt: str, negative_prompt: str | None = None, image=None, size=None,
                  frame_num: int | None = None, sample_steps: int | None = None, sample_shift: float | None = None,
                  guide_scale=None, boundary: float | None = None, sample_solver: str = "unipc", seed: int = -1,
-                 *, allow_any_size: bool = False, callback: StepCallback | None = None,
+                 *, allow_any_size: bool | None = None, callback: StepCallback | None = None,
                  progress: bool | None = None) -> Video:
         """Generate one video with the task's official recipe (None = the task default).
 
+        A size outside the task's official list is warned about (``allow_any_size=False``
+        refuses it, as the CLI does; True accepts it silently).
         ``callback(step, total, plan_step)`` runs after each step and may raise
         :class:`wanx.Cancelled`; ``progress`` (default: when stderr is a terminal) shows bars.
         """
         req = self.resolve(prompt, negative_prompt, image, size, frame_num, sample_steps, sample_shift,
                            guide_scale, boundary, sample_solver, seed, allow_any_size=allow_any_size)
+        return self.run(req, callback=callback, progress=progress)
+
+    @torch.no_grad()
+    def run(self, req: GenerationRequest, *, callback: StepCallback | None = None,
+            progress: bool | None = None) -> Video:
+        """Execute a request resolved for this checkpoint (see :meth:`generate`)."""
         progress = sys.stderr.isatty() if progress is None else progress
         timer = StageTimer()
         with timer("text"):

@@ -15,8 +15,8 @@ from wanx.sampling import (
     cfg,
     dpmpp_schedule,
     euler_schedule,
-    expert_for_timestep,
-    guide_scale_for,
+    build_plan,
+    is_high_noise,
     make_sampler,
     shift_sigmas,
     unipc_schedule,
@@ -318,20 +318,25 @@ def test_cfg():
 @pytest.mark.parametrize("shift,boundary,n_high", [(12.0, 0.875, 26), (5.0, 0.900, 15)])
 def test_expert_switch_defaults(solver, shift, boundary, n_high):
     """Spec §5: t2v (40 steps, shift 12, boundary .875) gives the high-noise expert 26 steps, i2v 15."""
-    s = make_sampler(solver, 40, shift)
-    experts = [expert_for_timestep(t, boundary) for t in s.timesteps]
-    assert experts == ["high"] * n_high + ["low"] * (40 - n_high)
-    scales = [guide_scale_for(t, (3.0, 4.0), boundary) for t in s.timesteps]
+    plan = build_plan(solver, 40, shift, (3.0, 4.0), boundary, num_experts=2)
+    assert [s.expert for s in plan] == [0] * n_high + [1] * (40 - n_high)
+    scales = [s.guide_scale for s in plan]
     assert scales == [4.0] * n_high + [3.0] * (40 - n_high)  # official tuple order: (low, high)
+    s = make_sampler(solver, 40, shift)
+    assert all(torch.equal(p.timestep, t) for p, t in zip(plan, s.timesteps))
+    assert [p.sigma for p in plan] == s.sigmas[:-1].tolist() and plan.steps[-1].sigma_next == 0.0
 
 
 def test_expert_boundary_edges():
-    assert expert_for_timestep(875, 0.875) == "high"
-    assert expert_for_timestep(torch.tensor(874), 0.875) == "low"
-    assert expert_for_timestep(torch.tensor([900]), 0.9) == "high"
-    assert expert_for_timestep(874.9, 0.875) == "low"
-    assert guide_scale_for(950, 5.0, None) == 5.0
-    assert guide_scale_for(10, 5, 0.875) == 5.0
-    assert guide_scale_for(10, (3.5, 3.5), None) == 3.5
-    with pytest.raises(ValueError):
-        guide_scale_for(10, (3.0, 4.0), None)
+    assert is_high_noise(875, 0.875) and not is_high_noise(torch.tensor(874), 0.875)
+    assert is_high_noise(torch.tensor([900]), 0.9) and not is_high_noise(874.9, 0.875)
+    assert not is_high_noise(950, None)
+
+
+def test_plan_for_one_expert_and_guidance_one():
+    plan = build_plan("euler", 4, 5.0, (5.0, 5.0), None, num_experts=1)
+    assert [s.expert for s in plan] == [0] * 4 and all(s.guide_scale == 5.0 and s.uncond for s in plan)
+    assert plan.steps[0].timestep.dtype == torch.float32  # Euler keeps float timesteps
+    plan = build_plan("unipc", 4, 5.0, (1.0, 1.0), 0.9, num_experts=2)
+    assert not any(s.uncond for s in plan)  # guidance 1: no unconditional pass
+    assert plan.steps[0].describe()["expert"] == "high" and plan.experts_used == (0, 1)

@@ -370,6 +370,12 @@ def test_text_encoder_trims_and_pad_context_zero_pads(tok_dir):
     for i, n in enumerate(lengths):
         assert torch.equal(padded[i, :n], contexts[i])
         assert (padded[i, n:] == 0).all()
-    assert torch.equal(enc.encode_padded(prompts), padded)
+    # What flows to the DiT: each prompt encoded alone (as the official), zero-padded to the longest,
+    # with the lengths; batch-of-3 encoding above differs from it only in the last bits.
+    ctx = enc.context(prompts)
+    assert ctx.lengths.tolist() == lengths and ctx.context.shape == (3, max(lengths), CFG.dim)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        assert torch.equal(ctx.context[i, :n], enc.encode([p])[0]) and (ctx.context[i, n:] == 0).all()
+    assert torch.allclose(ctx.context, padded[:, : max(lengths)], atol=1e-5)
     with pytest.raises(ValueError, match="exceed"):
         pad_context(contexts, 4)

@@ -1,10 +1,12 @@
 """Flow-matching schedules, samplers (UniPC, DPM++, Euler) and guidance helpers.
 
-Typical loop::
+Typical loop (what ``wanx.pipelines.denoise.run_plan`` does)::
 
-    sampler = make_sampler("unipc", steps=40, shift=12.0)
-    for t in sampler.timesteps:
-        v = cfg(model(x, t, ctx), model(x, t, ctx_null), guide_scale_for(t, (3.0, 4.0), 0.875))
+    plan = build_plan("unipc", steps=40, shift=12.0, guide_scale=(3.0, 4.0), boundary=0.875, num_experts=2)
+    sampler = plan.make_sampler()
+    for step in plan:
+        model = experts[step.expert]
+        v = cfg(model(x, step.timestep, ctx), model(x, step.timestep, ctx_null), step.guide_scale)
         x = sampler.step(v, x)
 """
 
@@ -13,7 +15,8 @@ from __future__ import annotations
 from ..configs import NUM_TRAIN_TIMESTEPS
 from .dpmpp import DPMPPSampler
 from .euler import EulerSampler
-from .guidance import cfg, expert_for_timestep, guide_scale_for, is_high_noise
+from .guidance import cfg, is_high_noise
+from .plan import PlanStep, SamplingPlan, build_plan
 from .schedules import Sampler, dpmpp_schedule, euler_schedule, shift_sigmas, unipc_schedule
 from .unipc import UniPCSampler
 
@@ -31,7 +34,7 @@ def make_sampler(name: str, steps: int, shift: float,
 
 
 __all__ = [
-    "SAMPLERS", "DPMPPSampler", "EulerSampler", "Sampler", "UniPCSampler", "cfg", "dpmpp_schedule",
-    "euler_schedule", "expert_for_timestep", "guide_scale_for", "is_high_noise", "make_sampler",
+    "SAMPLERS", "DPMPPSampler", "EulerSampler", "PlanStep", "Sampler", "SamplingPlan", "UniPCSampler",
+    "build_plan", "cfg", "dpmpp_schedule", "euler_schedule", "is_high_noise", "make_sampler",
     "shift_sigmas", "unipc_schedule",
 ]

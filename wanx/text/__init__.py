@@ -95,7 +95,3 @@ class TextEncoder:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return TextContext.from_list([self.encode([p])[0] for p in prompts])
-
-    def encode_padded(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """``pad_context(encode(prompts), text_len)``: ``[B, text_len, dim]``."""
-        return pad_context(self.encode(prompts), self.text_len)

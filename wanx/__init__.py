@@ -3,6 +3,14 @@
 Importing this package touches no GPU, no disk and no network; heavy modules load on first use.
 """
 
+import os as _os
+
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made denoising 5-30x slower
+# (bench/threads.py). Read when torch loads OpenMP, so it only helps if wanx is imported first (the
+# CLI always is); an explicit OMP_WAIT_POLICY wins.
+if not _os.environ.get("WANX_KEEP_OMP_DEFAULT"):
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .errors import Cancelled, GenerationError, InputError
 from .version import __version__
 

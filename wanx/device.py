@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .errors import InputError
@@ -59,16 +57,11 @@ VAE_DTYPE = torch.float32
 def configure_cpu_threads(threads: int | None) -> None:
     """Set the intra-op thread count (None: torch's default, all cores).
 
-    Must run before torch starts its thread pool. With OpenMP's default active waiting, threads
-    spin while another process holds a core, which slowed denoising 5-30x on a shared CPU; the CLI
-    therefore sets ``OMP_WAIT_POLICY=PASSIVE`` before importing torch (see :func:`passive_omp_env`).
+    Idle threads sleep rather than spin because ``import wanx`` sets ``OMP_WAIT_POLICY=PASSIVE``
+    (unless set): spinning slowed denoising 5-30x on a shared CPU (bench/threads.py).
     """
     if threads is not None:
         if threads < 1:
             raise InputError("threads", f"{{arg}} must be at least 1, got {threads}")
         torch.set_num_threads(threads)
 
-
-def passive_omp_env(environ=os.environ) -> None:
-    """Make idle OpenMP threads sleep instead of spin unless the user chose a policy."""
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -197,6 +197,17 @@ def test_config_problems_name_the_file_and_field(folders, tmp_path, no_weights, 
     assert words in str(e.value) and str(folder) in str(e.value)
 
 
+def test_missing_shard_is_named_before_any_weight(tmp_path, no_weights):
+    folder = tmp_path / "sharded"
+    with torch.random.fork_rng():
+        build_tiny_checkpoint(folder, "t2v-A14B", seed=2, max_shard_bytes=200_000)
+    shard = sorted((folder / "low_noise_model").glob("*-of-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError) as e:
+        describe_checkpoint(folder)
+    assert shard.name in str(e.value) and "missing" in str(e.value)
+
+
 def test_config_typo_is_warned_about(folders, tmp_path):
     folder = _copy(folders, "t2v-A14B", tmp_path)
     _edit_json(folder / "high_noise_model" / "config.json", num_layer=3)

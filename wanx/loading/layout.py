@@ -66,6 +66,17 @@ def _has_dit_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in DIT_WEIGHTS)
 
 
+def _shard_files(folder: Path) -> list[tuple[Path, str]]:
+    """The shards a sharded folder's index names, to be checked before any weight is read."""
+    index = folder / DIT_WEIGHTS[1]
+    if (folder / DIT_WEIGHTS[0]).is_file() or not index.is_file():
+        return []
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no 'weight_map' object")
+    return [(folder / name, f"shard listed in {index.name}") for name in sorted(set(weight_map.values()))]
+
+
 def _require(paths: list[tuple[Path, str]]) -> None:
     """Raise one error naming every missing file or folder (with what it is for)."""
     missing = [f"{p} ({what})" for p, what in paths if not p.exists()]
@@ -142,6 +153,7 @@ def _official_layout(root: Path, task: str | None) -> CheckpointLayout:
         need.append((d / "config.json", "diffusion transformer config"))
         if not _has_dit_weights(d):
             need.append((d / DIT_WEIGHTS[0], "diffusion transformer weights (or a sharded .index.json)"))
+        need += _shard_files(d)
     _require(need)
     t5_cfg = _config(T5Config, extra["t5"], f"{root / WANX_JSON} [t5]", strict=True) if "t5" in extra else None
     vae_cfg = _config(VAEConfig, extra["vae"], f"{root / WANX_JSON} [vae]", strict=True) if "vae" in extra else None
@@ -187,6 +199,7 @@ def _diffusers_layout(root: Path, task: str | None) -> CheckpointLayout:
         need.append((d / "config.json", "diffusion transformer config"))
         if not _has_dit_weights(d):
             need.append((d / DIT_WEIGHTS[0], "diffusion transformer weights (or a sharded .index.json)"))
+        need += _shard_files(d)
     _require(need)
     return CheckpointLayout(root=root, kind="diffusers", spec=spec, tokenizer_dir=root / "tokenizer",
                             t5_path=root / "text_encoder", vae_path=root / "vae", dit_paths=dit_paths,

@@ -182,6 +182,10 @@ class WanDiT(nn.Module):
         # On CPU run a big inference batch one sample at a time (see _runs_sample_by_sample):
         # "auto" decides by size, True always splits, False always runs one batched pass.
         self.cpu_sample_by_sample: bool | str = "auto"
+        # The block stack is run by ``block_runner(blocks, x, e0, context, rope, ctx_bias)``: None runs
+        # every block (:func:`run_blocks`); step caches set a wrapper from outside. A plain callable,
+        # never an nn.Module (it would enter the state dict).
+        self.block_runner = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -334,11 +338,19 @@ class WanDiT(nn.Module):
         context, ctx_bias = self.embed_text(context.to(x.device), compact=self._can_compact_text(x),
                                             lengths=context_lens)
         rope = self.rope(grid, x.device)  # [L, 1, head_dim/2] complex64
-        for block in self.blocks:
-            x = block(x, e0, context, rope, ctx_bias)
+        runner = self.block_runner or run_blocks
+        x = runner(self.blocks, x, e0, context, rope, ctx_bias)  # [B, L, dim] fp32
         with torch.autocast(x.device.type, enabled=False):
             x = self.head(x, e)  # [B, L, p*out_dim]
         return self.unpatchify(x, grid).float()
+
+
+def run_blocks(blocks, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: torch.Tensor,
+               ctx_bias: torch.Tensor | None) -> torch.Tensor:
+    """Every transformer block in order: ``x [B, L, dim]`` -> ``[B, L, dim]`` fp32."""
+    for block in blocks:
+        x = block(x, e0, context, rope, ctx_bias)
+    return x
 
 
 def _sample(i: int, b: int, *tensors):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..configs import NUM_TRAIN_TIMESTEPS
-from .schedules import Sampler, euler_schedule
+from .schedules import Sampler, euler_schedule, flow_schedule
 
 
 class EulerSampler(Sampler):
@@ -30,3 +30,14 @@ class EulerSampler(Sampler):
         # float32 latents (identical whenever v is at least as wide as x, e.g. wanx's float32 v).
         out = x.to(torch.float32) + dt * v
         return out.to(torch.promote_types(x.dtype, v.dtype))
+
+
+class FlowEulerSampler(EulerSampler):
+    """The same Euler steps on the distilled schedule (:func:`flow_schedule`): 4-step Lightning/LightX2V."""
+
+    name = "flow_euler"
+
+    @classmethod
+    def from_schedule(cls, steps: int, shift: float,
+                      num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "FlowEulerSampler":
+        return cls(*flow_schedule(steps, shift, num_train_timesteps))

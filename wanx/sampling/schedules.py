@@ -100,6 +100,31 @@ def euler_schedule(steps: int, shift: float,
     return torch.cat([sigmas, sigmas.new_zeros(1)]), timesteps
 
 
+def flow_schedule(steps: int, shift: float,
+                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distilled (Wan2.2-Lightning / LightX2V) list: ``shift(linspace(1, 0, steps+1))``, float timesteps.
+
+    4 steps at shift 5 give t = 1000, 937.5, 833.33, 625 and σ = 1, .9375, .8333, .625, 0: the
+    timesteps the 4-step models were distilled on, never truncated to integers.
+    """
+    _check(steps)
+    # parity: float32 throughout, as the Lightning scheduler (LightX2V's issue reports 937.5001).
+    t = torch.linspace(float(num_train_timesteps), 0.0, steps + 1, dtype=torch.float32)
+    sigmas = shift_sigmas(t / num_train_timesteps, shift)
+    return sigmas, sigmas[:-1] * num_train_timesteps
+
+
+def explicit_schedule(timesteps, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's own timesteps (what the DiT sees, no shift applied), strictly decreasing in (0, 1000]."""
+    t = torch.as_tensor([float(v) for v in timesteps], dtype=torch.float32)
+    if t.numel() < 1 or not torch.isfinite(t).all() or (t <= 0).any() or (t > num_train_timesteps).any():
+        raise ValueError(f"timesteps must be finite values in (0, {num_train_timesteps}], got {list(timesteps)}")
+    if (t[1:] >= t[:-1]).any():
+        raise ValueError(f"timesteps must be strictly decreasing, got {list(timesteps)}")
+    return torch.cat([t / num_train_timesteps, t.new_zeros(1)]), t
+
+
 def log_snr(sigma: torch.Tensor) -> torch.Tensor:
     """λ = log(α/σ), α = 1 − σ: +inf at σ = 0, −inf at σ = 1 (both solvers handle the infinities)."""
     # parity: a float32 0-dim tensor in, float32 out, as the official solvers compute every step scalar;

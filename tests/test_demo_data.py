@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wanx.train import data
-from wanx.train.analyze import (
+from bench.clip_analysis import (
     DEGRADATIONS,
     MILD,
     analyze_clip,
@@ -17,6 +16,7 @@ from wanx.train.analyze import (
     gaussian_blur,
     score,
 )
+from wanx.train import data
 from wanx.train.data import (
     ALL_TRIPLES,
     BACKGROUNDS,

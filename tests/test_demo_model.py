@@ -46,7 +46,7 @@ def test_load_pipeline_without_a_folder_loads_the_demo(pipe):
 
 
 def test_demo_generates_the_readme_prompt(pipe):
-    from wanx.train.analyze import analyze_clip
+    from bench.clip_analysis import analyze_clip
 
     video = pipe.generate(PROMPT, seed=0)
     assert video.frames.shape == (17, 32, 32, 3)

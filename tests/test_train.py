@@ -16,7 +16,6 @@ from wanx.train.demo import (
     build_cache,
     encode_captions,
     flow_matching_loss,
-    init_dit,
     init_vae,
     latent_object_mask,
     pick_captions,
@@ -71,6 +70,21 @@ def test_vae_init_keeps_the_input_in_the_latent():
     assert gap["ours"] > 1.0 > gap["default"], gap
 
 
+def test_dit_init_weights_starts_from_zero_velocity_at_the_official_scales():
+    from wanx.model import WanDiT
+
+    torch.manual_seed(0)
+    dit = WanDiT(SMOKE.dit_config())
+    assert dit.init_weights() is dit
+    x, ctx = torch.randn(2, 16, 2, 4, 4), torch.randn(2, SMOKE.text_len, SMOKE.t5["dim"])
+    with torch.no_grad():
+        assert torch.equal(dit(x, torch.tensor([300.0, 900.0]), ctx), torch.zeros(2, 16, 2, 4, 4))
+    assert dit.text_embedding[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    ffn = dit.blocks[0].ffn[0]  # xavier-uniform: std sqrt(2 / (fan_in + fan_out))
+    assert ffn.weight.std().item() == pytest.approx((2 / sum(ffn.weight.shape)) ** 0.5, rel=0.1)
+    assert not ffn.bias.any()
+
+
 def test_dit_steps_reduce_loss_on_a_fixed_batch(tmp_path):
     from wanx.model import WanDiT
     from wanx.text import Tokenizer, UMT5Encoder
@@ -79,7 +93,7 @@ def test_dit_steps_reduce_loss_on_a_fixed_batch(tmp_path):
     torch.manual_seed(0)
     tok = Tokenizer.from_folder(save_demo_tokenizer(tmp_path), text_len=SMOKE.text_len)
     t5 = UMT5Encoder(SMOKE.t5_config(tok.vocab_size))
-    dit = init_dit(WanDiT(SMOKE.dit_config()))
+    dit = WanDiT(SMOKE.dit_config()).init_weights()
     x0 = torch.randn(4, 16, 2, 2, 2)
     sigma = torch.tensor([0.2, 0.4, 0.6, 0.9])
     captions = ["a red circle moving left", "a blue square moving up", "", "a green triangle moving down"]
@@ -257,7 +271,7 @@ def test_zero_t5_lr_freezes_the_text_encoder_at_its_initialisation(tmp_path):
     torch.manual_seed(0)
     vocab = Tokenizer.from_folder(tok_dir, text_len=SMOKE.text_len).vocab_size
     init_t5 = UMT5Encoder(SMOKE.t5_config(vocab)).state_dict()
-    init_dit_state = init_dit(WanDiT(SMOKE.dit_config())).state_dict()
+    init_dit_state = WanDiT(SMOKE.dit_config()).init_weights().state_dict()
     frozen, trained = results[0.0], results[5e-4]
     assert _states_equal(frozen["t5"].state_dict(), init_t5)
     assert not _states_equal(trained["t5"].state_dict(), init_t5)

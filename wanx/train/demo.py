@@ -550,24 +550,6 @@ def build_cache(vae, recipe: DemoRecipe, seed: int, batch: int = 32) -> dict:
 # ------------------------------------------------------------------------------------- stage 4: DiT
 
 
-def init_dit(model: nn.Module) -> nn.Module:
-    """The official ``WanModel.init_weights``: xavier linears, N(0, .02) embeddings, zero head."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        w = model.patch_embedding.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for seq in (model.text_embedding, model.time_embedding):
-            for m in seq.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(model.head.head.weight)
-    return model
-
-
 def sample_sigmas(gen: torch.Generator, n: int, shift: float, lo: float = 0.0, hi: float = 1.0,
                   uniform: bool = False) -> torch.Tensor:
     """σ = shift(sigmoid(N(0,1))) restricted to [lo, hi) (by rejection): the sampler's shift, so
@@ -636,7 +618,7 @@ def train_dit(recipe: DemoRecipe, cache: dict, tok_dir: Path, work: Path, seed: 
     torch.manual_seed(seed)
     tokenizer = Tokenizer.from_folder(tok_dir, text_len=recipe.text_len)
     t5 = UMT5Encoder(recipe.t5_config(tokenizer.vocab_size)).to(device)
-    shared = init_dit(WanDiT(recipe.dit_config())).to(device)
+    shared = WanDiT(recipe.dit_config()).init_weights().to(device)
     adam = dict(betas=(0.9, 0.99), weight_decay=0.0)
     models = {"shared": shared}
     opts = {"shared": torch.optim.AdamW(shared.parameters(), lr=recipe.dit_lr, **adam)}

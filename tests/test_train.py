@@ -88,7 +88,7 @@ def test_dit_init_weights_starts_from_zero_velocity_at_the_official_scales():
 def test_dit_steps_reduce_loss_on_a_fixed_batch(tmp_path):
     from wanx.model import WanDiT
     from wanx.text import Tokenizer, UMT5Encoder
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
 
     torch.manual_seed(0)
     tok = Tokenizer.from_folder(save_demo_tokenizer(tmp_path), text_len=SMOKE.text_len)
@@ -227,7 +227,7 @@ def test_vae_resume_is_exact(tmp_path):
 
 
 def test_dit_resume_is_exact_across_the_expert_fork(tmp_path):
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
     from wanx.vae import WanVAE
 
     recipe = DemoRecipe(**{**SMOKE.__dict__, "dit_steps": 6, "clips": 8})
@@ -254,7 +254,7 @@ def test_dit_resume_is_exact_across_the_expert_fork(tmp_path):
 def test_zero_t5_lr_freezes_the_text_encoder_at_its_initialisation(tmp_path):
     from wanx.model import WanDiT
     from wanx.text import Tokenizer, UMT5Encoder
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
     from wanx.vae import WanVAE
 
     torch.manual_seed(0)

@@ -497,9 +497,9 @@ def run_demo(recipe: DemoRecipe, out: Path, work: Path, *, seed: int = 0, device
             return summary
     # 4. text encoder + two DiT experts
     tok_dir = work / "tokenizer"
-    from .vocab import save_demo_tokenizer
+    from ..text.demo_vocab import save_demo_tokenizer
 
-    save_demo_tokenizer(tok_dir, model_max_length=recipe.text_len)
+    save_demo_tokenizer(tok_dir, model_max_length=recipe.text_len, overwrite=True)
     result = train_dit(recipe, cache, tok_dir, work, seed, dev, minutes_dit * 60, resume, log, progress,
                        ckpt_seconds)
     if done("dit", steps=result["step"], seconds=result["elapsed"], final_loss=result["final_loss"]):
@@ -739,7 +739,7 @@ def export_folder(out: Path, recipe: DemoRecipe, vae, t5, experts) -> Path:
     from ..loading.dit import save_dit
     from ..loading.t5 import save_t5
     from ..loading.vae import save_vae
-    from .vocab import save_demo_tokenizer
+    from ..text.demo_vocab import save_demo_tokenizer
 
     spec = get_task("t2v-A14B")
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def test_shipped_model_was_trained_with_the_documented_recipe():
     the shipped sampling defaults are the recipe's."""
     from dataclasses import asdict
 
-    from wanx.train.demo import DemoRecipe
+    from wanx.train.recipe import DemoRecipe
 
     shipped = json.loads((DEMO_DIR / "training_summary.json").read_text())
     recipe = json.loads(json.dumps(asdict(DemoRecipe())))  # tuples -> lists, as stored

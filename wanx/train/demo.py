@@ -81,10 +81,10 @@ class _Run:
     minutes: dict = field(default_factory=dict)  # wall-time cap per stage ("vae", "dit"), 0: none
     summary: dict = field(default_factory=dict)
     stopped: bool = False
+    log: Logger = field(init=False)
 
-    @property
-    def log(self) -> Logger:
-        return Logger(self.work / "log.jsonl")
+    def __post_init__(self):
+        self.log = Logger(self.work / "log.jsonl")
 
     def record(self, name: str, **info) -> None:
         self.summary.setdefault("stages", {})[name] = info
@@ -121,12 +121,16 @@ def run_demo(recipe: DemoRecipe, out: Path, work: Path, *, seed: int = 0, device
     run.summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
     run.summary.update(recipe=asdict(recipe), seed=seed, device=str(run.device), threads=torch.get_num_threads())
     vae = _vae_stage(run)
-    if not run.stopped:
-        vae = _decoder_stage(run, vae)
-    if not run.stopped:
-        vae = _stats_stage(run, vae)
-    cache = _cache_stage(run, vae) if not run.stopped else None
-    result = _dit_stage(run, cache) if not run.stopped else None
+    for vae_step in (_decoder_stage, _stats_stage):
+        if run.stopped:
+            return run.summary
+        vae = vae_step(run, vae)
+    if run.stopped:
+        return run.summary
+    cache = _cache_stage(run, vae)
+    if run.stopped:
+        return run.summary
+    result = _dit_stage(run, cache)
     if not run.stopped:
         _export_stage(run, vae, result)
     return run.summary

@@ -1,4 +1,7 @@
-"""``python -m bench [--size tiny|medium|real] [--only dit,text,vae,pipeline] [--repeats N] [--out DIR]``."""
+"""``python -m bench [--size tiny|medium|real] [--only dit,text,pipeline,ablate] [--repeats N] [--out DIR]``.
+
+The VAE has its own script (subprocess per implementation for clean peak memory): ``python bench/vae.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 
 from .common import Report, machine, sizes_for, SIZES
 
-PARTS = ("dit", "text", "vae", "pipeline", "ablate")
+PARTS = ("dit", "text", "pipeline", "ablate")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(mod.mem_child(size, impl, device, **extra)))
         return
 
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        sys.exit(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}"
+                 + (" (the VAE benchmark is `python bench/vae.py`)" if "vae" in unknown else ""))
     sizes = sizes_for(args.size)
     if args.layers:
         import dataclasses
@@ -67,18 +75,13 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(), "device": device}
     print("| size | what | wanx s (median) | ref s (median) | wanx/ref | wanx peak / call | ref peak / call "
           "| call-mem ratio | max rel diff |\n|---|---|---|---|---|---|---|---|---|")
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
     for size in sizes:
         for part in parts:
-            if part not in PARTS:
-                sys.exit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
             # Memory children rebuild the named size, so a --layers override runs without them.
             mem = not args.no_mem and not args.layers and (size.dtype == torch.float32 or device == "cuda")
             if part == "ablate":
                 from . import dit
                 rows = dit.ablate(size, args.repeats, device, args.baseline_pkg)
-            elif part == "vae":
-                rows = run_vae(size, args.repeats, device, mem)
             elif part == "pipeline":
                 if size.name.startswith("real"):
                     print(f"(pipeline at {size.name}: not wired, the real VAE/umT5 need real checkpoints)")
@@ -95,20 +98,6 @@ def main(argv: list[str] | None = None) -> None:
                 report.add(row)
     report.write(meta)
     print(f"wrote {report.out / 'results.json'} and {report.out / 'results.md'}")
-
-
-def run_vae(size, repeats, device, mem):
-    """Hook for bench/vae.py (owned by the VAE engineer): calls its ``run(size, repeats, device, mem)``."""
-    try:
-        vae = importlib.import_module("bench.vae")
-    except ImportError:
-        print("(vae: bench/vae.py does not exist yet; it should define run(size, repeats, device, mem) "
-              "returning rows like the other parts)")
-        return []
-    if not hasattr(vae, "run"):
-        print("(vae: bench/vae.py has no run(size, repeats, device, mem) yet)")
-        return []
-    return vae.run(size, repeats, device, mem)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Demo-model quality: does a generated clip show what its caption says?
 
 Every caption of the train and held-out splits (see wanx.train.data) is generated with a few seeds
-and judged by the automatic analyser (wanx.train.analyze). The table gives, per split, the share
+and judged by the automatic analyser (bench/clip_analysis.py). The table gives, per split, the share
 of clips whose colour, shape and motion (and all three) match, plus mean flicker figures; JSON
 goes to bench/out/.
 
@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wanx.train.analyze import DEGRADATIONS, analyze_clip, score
-from wanx.train.data import (
+if __package__ in (None, ""):  # run as `python bench/demo_quality.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.clip_analysis import DEGRADATIONS, analyze_clip, score  # noqa: E402
+from wanx.train.data import (  # noqa: E402
     all_captions,
     parse_caption_full,
     render_clip,

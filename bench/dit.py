@@ -201,6 +201,17 @@ def profile(size: Size, device: str, impl: str, row_limit: int = 25) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
 
 
+def rope_complex128(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The official RoPE product, baseline of the "complex128 RoPE" ablation (wanx uses complex64 tables).
+
+    ``x [B, L, H, D]`` rotated by ``freqs [L, D/2]`` (complex128) in complex float64, rounded once to float32.
+    """
+    b, l, h, d = x.shape
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, l, h, d // 2, 2))  # [B, L, H, D/2]
+    out = torch.view_as_real(xc * freqs[None, :, None, :])  # [B, L, H, D/2, 2]
+    return out.reshape(b, l, h, d).float()  # [B, L, H, D]
+
+
 def ablate(size: Size, repeats: int, device: str, baseline_pkg: str | None = None) -> list[dict[str, Any]]:
     """One interleaved run of the DiT step with each speed change switched off in turn (bench/NOTES.md).
 
@@ -244,7 +255,7 @@ def ablate(size: Size, repeats: int, device: str, baseline_pkg: str | None = Non
         "no text compaction": variant((dit_mod.WanDiT, "_can_compact_text", lambda self, x: False)),
         "batched CFG on CPU": variant((model, "cpu_sample_by_sample", False)),
         "complex128 RoPE": variant((rope_mod, "rope_tables", complex_rope_tables),
-                                   (dit_mod, "apply_rope_c64", rope_mod.apply_rope)),
+                                   (dit_mod, "apply_rope_c64", rope_complex128)),
         "diffusers": lambda: ref_step(*inputs),
     }
     outs = {k: f() for k, f in fns.items()}

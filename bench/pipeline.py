@@ -45,7 +45,7 @@ def build_checkpoint(size: Size, folder: Path) -> Path:
     from wanx.model import WanDiT
     from wanx.testing import TINY_TASK_DEFAULTS
     from wanx.text import UMT5Encoder
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
     from wanx.vae import WanVAE
 
     spec = get_task(TASK)
@@ -54,7 +54,7 @@ def build_checkpoint(size: Size, folder: Path) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     dit_cfg, t5_cfg, vae_cfg = bench_configs(size)
-    save_demo_tokenizer(folder / spec.t5_tokenizer)
+    save_demo_tokenizer(folder / spec.t5_tokenizer, overwrite=True)  # a folder of another size is rewritten
     torch.manual_seed(0)
     t5 = UMT5Encoder(t5_cfg)
     save_t5(t5, folder / spec.t5_checkpoint)

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wanx.train import data
-from wanx.train.analyze import (
+from bench.clip_analysis import (
     DEGRADATIONS,
     MILD,
     analyze_clip,
@@ -17,6 +16,7 @@ from wanx.train.analyze import (
     gaussian_blur,
     score,
 )
+from wanx.train import data
 from wanx.train.data import (
     ALL_TRIPLES,
     BACKGROUNDS,
@@ -133,7 +133,7 @@ def test_captions_parse_back():
 
 
 def test_partial_captions_leave_out_exactly_one_attribute():
-    from wanx.train.vocab import build_demo_tokenizer
+    from wanx.text.demo_vocab import build_demo_tokenizer
 
     assert partial_caption("blue", "square", "left", None, "colour") == "a square moving left"
     assert partial_caption("blue", "square", "left", None, "shape") == "a blue shape moving left"
@@ -241,7 +241,7 @@ CAPTIONS = [
 
 
 def test_demo_tokenizer_ids():
-    from wanx.train.vocab import build_demo_tokenizer
+    from wanx.text.demo_vocab import build_demo_tokenizer
 
     tok = build_demo_tokenizer()
     assert [tok.token_to_id(t) for t in ("<pad>", "</s>", "<unk>")] == [0, 1, 2]
@@ -254,11 +254,36 @@ def test_demo_tokenizer_ids():
         assert 2 not in tok.encode(c).ids
 
 
+def test_demo_vocabulary_is_the_shipped_one_and_covers_every_caption_word():
+    """The text layer spells the vocabulary out; it must stay the one the shipped model was trained with."""
+    import json
+
+    from wanx.text.demo_vocab import build_demo_tokenizer
+
+    shipped = Path(__file__).resolve().parents[1] / "wanx/demo/wanx-demo/google/umt5-xxl/tokenizer.json"
+    assert json.loads(build_demo_tokenizer().to_str()) == json.loads(shipped.read_text())
+    vocab = build_demo_tokenizer().get_vocab()
+    assert {*COLOURS, *SHAPES, *MOTIONS, *BACKGROUNDS} <= vocab.keys()
+
+
+def test_saving_the_tokenizer_never_replaces_files_unasked(tmp_path):
+    from wanx.text.demo_vocab import save_demo_tokenizer
+
+    path = save_demo_tokenizer(tmp_path / "tok", model_max_length=16)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="tokenizer.json"):
+        save_demo_tokenizer(tmp_path / "tok")
+    assert path.read_bytes() == before
+    save_demo_tokenizer(tmp_path / "tok", overwrite=True)
+    assert sorted(f.name for f in (tmp_path / "tok").iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # no temporaries left
+
+
 def test_saved_tokenizer_matches_transformers(tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
 
     save_demo_tokenizer(tmp_path)
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))

@@ -46,7 +46,7 @@ def test_load_pipeline_without_a_folder_loads_the_demo(pipe):
 
 
 def test_demo_generates_the_readme_prompt(pipe):
-    from wanx.train.analyze import analyze_clip
+    from bench.clip_analysis import analyze_clip
 
     video = pipe.generate(PROMPT, seed=0)
     assert video.frames.shape == (17, 32, 32, 3)
@@ -73,7 +73,7 @@ def test_shipped_model_was_trained_with_the_documented_recipe():
     the shipped sampling defaults are the recipe's."""
     from dataclasses import asdict
 
-    from wanx.train.demo import DemoRecipe
+    from wanx.train.recipe import DemoRecipe
 
     shipped = json.loads((DEMO_DIR / "training_summary.json").read_text())
     recipe = json.loads(json.dumps(asdict(DemoRecipe())))  # tuples -> lists, as stored

@@ -15,7 +15,7 @@ from wanx.configs import TASKS, DiTConfig
 from wanx.loading.dit import diffusers_to_official
 from wanx.model import WanDiT, attention, attention_backend
 from wanx.model.dit import sinusoidal_embedding
-from wanx.model.rope import RopeCache, apply_rope, rope_freqs, rope_split
+from wanx.model.rope import RopeCache, apply_rope_c64, rope_freqs, rope_split, rope_tables
 
 GRID = (3, 8, 8)  # latent T, H, W -> 3 x 4 x 4 = 48 tokens
 NUM_TOKENS = 48
@@ -154,12 +154,20 @@ def _load_official_model_module():
     return sys.modules["_wan_official.model"]
 
 
+def _key_bias(k_lens, num_keys):
+    """``[B, 1, 1, Lk]``: 0 for the first ``k_lens[b]`` keys of sample b, -inf (masked) after them."""
+    if k_lens is None:
+        return None
+    keep = torch.arange(num_keys, device=k_lens.device)[None, :] < k_lens[:, None]  # [B, Lk]
+    return torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
+
+
 def official_twin(model_type, monkeypatch):
     """The official WanModel with random weights, our copy of it, and inputs (t padded as the official pipeline)."""
     official = _load_official_model_module()
-    # The official attention is CUDA flash-attn only; give it ours (fp32 math reference by default).
+    # The official attention is CUDA flash-attn only; give it ours, its k_lens as a -inf key bias.
     monkeypatch.setattr(official, "flash_attention",
-                        lambda q, k, v, k_lens=None, **kw: attention(q, k, v, k_lens=k_lens))
+                        lambda q, k, v, k_lens=None, **kw: attention(q, k, v, bias=_key_bias(k_lens, k.shape[1])))
     cfg = DiTConfig.tiny(model_type)
     torch.manual_seed(0)
     ref = official.WanModel(**cfg.to_dict()).eval()
@@ -322,8 +330,8 @@ def test_rope_split():
 
 def test_rope_matches_real_rotation_of_adjacent_pairs():
     head_dim, grid = 32, (2, 3, 4)
-    x = torch.randn(1, 24, 2, head_dim)
-    out = apply_rope(x, rope_freqs(grid, head_dim))
+    x = torch.randn(1, 24, 2, head_dim, generator=torch.Generator().manual_seed(0))
+    out = apply_rope_c64(x, rope_tables(grid, head_dim))  # complex64: a few ulp from the float64 formula
     ct, ch, cw = rope_split(head_dim)
     pos = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
     inv = [10000.0 ** (-torch.arange(0, 2 * c, 2, dtype=torch.float64) / (2 * c)) for c in (ct, ch, cw)]
@@ -336,12 +344,12 @@ def test_rope_matches_real_rotation_of_adjacent_pairs():
 
 def test_rope_scores_depend_only_on_relative_position():
     head_dim = 32
-    freqs = rope_freqs((4, 4, 4), head_dim)  # tokens in (t, h, w) row-major order
-    q, k = torch.randn(1, 1, 1, head_dim).double(), torch.randn(1, 1, 1, head_dim).double()
+    table = rope_tables((4, 4, 4), head_dim)  # tokens in (t, h, w) row-major order
+    q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
 
     def score(i, j):
-        qi = apply_rope(q, freqs[i:i + 1]).double()
-        kj = apply_rope(k, freqs[j:j + 1]).double()
+        qi = apply_rope_c64(q, table[i:i + 1]).double()
+        kj = apply_rope_c64(k, table[j:j + 1]).double()
         return (qi * kj).sum().item()
 
     idx = lambda f, h, w: (f * 4 + h) * 4 + w  # noqa: E731

@@ -1,4 +1,4 @@
-"""The demo-model trainer (wanx.train.demo) at smoke size: learning, exact resume, export round trip."""
+"""The demo-model trainer (wanx.train) at smoke size: learning, exact resume, export round trip."""
 
 from __future__ import annotations
 
@@ -8,25 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from wanx.train.demo import (
-    EMA,
-    DemoRecipe,
-    Logger,
-    _vae_loss,
-    build_cache,
-    encode_captions,
-    flow_matching_loss,
-    init_dit,
-    init_vae,
-    latent_object_mask,
-    pick_captions,
-    render_batch,
-    run_demo,
-    sample_sigmas,
-    train_dit,
-    train_vae,
-    write_loss_curve,
-)
+from wanx.train.demo import run_demo
+from wanx.train.dit_stage import encode_captions, flow_matching_loss, pick_captions, sample_sigmas, train_dit
+from wanx.train.export import write_loss_curve
+from wanx.train.latents import build_cache, latent_object_mask
+from wanx.train.loop import EMA, Logger
+from wanx.train.recipe import DemoRecipe
+from wanx.train.vae_stage import init_vae, render_batch, train_vae, vae_loss
 
 SMOKE = DemoRecipe.smoke()
 
@@ -48,7 +36,7 @@ def test_vae_steps_reduce_loss_on_a_fixed_batch():
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     losses = []
     for i in range(15):
-        loss, recon = _vae_loss(vae, video, mask, SMOKE, torch.Generator().manual_seed(i))
+        loss, recon = vae_loss(vae, video, mask, SMOKE, torch.Generator().manual_seed(i))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -71,15 +59,30 @@ def test_vae_init_keeps_the_input_in_the_latent():
     assert gap["ours"] > 1.0 > gap["default"], gap
 
 
+def test_dit_init_weights_starts_from_zero_velocity_at_the_official_scales():
+    from wanx.model import WanDiT
+
+    torch.manual_seed(0)
+    dit = WanDiT(SMOKE.dit_config())
+    assert dit.init_weights() is dit
+    x, ctx = torch.randn(2, 16, 2, 4, 4), torch.randn(2, SMOKE.text_len, SMOKE.t5["dim"])
+    with torch.no_grad():
+        assert torch.equal(dit(x, torch.tensor([300.0, 900.0]), ctx), torch.zeros(2, 16, 2, 4, 4))
+    assert dit.text_embedding[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    ffn = dit.blocks[0].ffn[0]  # xavier-uniform: std sqrt(2 / (fan_in + fan_out))
+    assert ffn.weight.std().item() == pytest.approx((2 / sum(ffn.weight.shape)) ** 0.5, rel=0.1)
+    assert not ffn.bias.any()
+
+
 def test_dit_steps_reduce_loss_on_a_fixed_batch(tmp_path):
     from wanx.model import WanDiT
     from wanx.text import Tokenizer, UMT5Encoder
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
 
     torch.manual_seed(0)
     tok = Tokenizer.from_folder(save_demo_tokenizer(tmp_path), text_len=SMOKE.text_len)
     t5 = UMT5Encoder(SMOKE.t5_config(tok.vocab_size))
-    dit = init_dit(WanDiT(SMOKE.dit_config()))
+    dit = WanDiT(SMOKE.dit_config()).init_weights()
     x0 = torch.randn(4, 16, 2, 2, 2)
     sigma = torch.tensor([0.2, 0.4, 0.6, 0.9])
     captions = ["a red circle moving left", "a blue square moving up", "", "a green triangle moving down"]
@@ -213,7 +216,7 @@ def test_vae_resume_is_exact(tmp_path):
 
 
 def test_dit_resume_is_exact_across_the_expert_fork(tmp_path):
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
     from wanx.vae import WanVAE
 
     recipe = DemoRecipe(**{**SMOKE.__dict__, "dit_steps": 6, "clips": 8})
@@ -240,7 +243,7 @@ def test_dit_resume_is_exact_across_the_expert_fork(tmp_path):
 def test_zero_t5_lr_freezes_the_text_encoder_at_its_initialisation(tmp_path):
     from wanx.model import WanDiT
     from wanx.text import Tokenizer, UMT5Encoder
-    from wanx.train.vocab import save_demo_tokenizer
+    from wanx.text.demo_vocab import save_demo_tokenizer
     from wanx.vae import WanVAE
 
     torch.manual_seed(0)
@@ -257,7 +260,7 @@ def test_zero_t5_lr_freezes_the_text_encoder_at_its_initialisation(tmp_path):
     torch.manual_seed(0)
     vocab = Tokenizer.from_folder(tok_dir, text_len=SMOKE.text_len).vocab_size
     init_t5 = UMT5Encoder(SMOKE.t5_config(vocab)).state_dict()
-    init_dit_state = init_dit(WanDiT(SMOKE.dit_config())).state_dict()
+    init_dit_state = WanDiT(SMOKE.dit_config()).init_weights().state_dict()
     frozen, trained = results[0.0], results[5e-4]
     assert _states_equal(frozen["t5"].state_dict(), init_t5)
     assert not _states_equal(trained["t5"].state_dict(), init_t5)
@@ -337,7 +340,7 @@ def test_cli_flags_and_resume_skip_finished_stages(smoke_run, capsys):
 
 def test_decoder_finetuning_keeps_the_encoder_and_resumes_exactly(tmp_path):
     """The decoder stage changes conv2/decoder only (so cached latents stay valid) and resumes exactly."""
-    from wanx.train.demo import finetune_decoder, init_vae
+    from wanx.train.vae_stage import finetune_decoder
     from wanx.vae import WanVAE
 
     recipe = DemoRecipe(**{**SMOKE.__dict__, "decoder_steps": 4})
@@ -378,3 +381,82 @@ def test_cli_refuses_to_overwrite_a_previous_run_without_asking(smoke_run, tmp_p
                  "--out", str(tmp_path / "new_out")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert not (tmp_path / "new_out").exists()
+
+
+def test_cli_refuses_an_out_path_that_is_a_file_before_training(tmp_path, capsys):
+    from wanx.train.cli import main
+
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"not a folder")
+    for extra in ([], ["--overwrite"], ["--resume"]):  # no flag turns a file into a folder
+        assert main(["demo", "--smoke", "--no-progress", "--work", str(tmp_path / "work"), "--out", str(out),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and "file" in err
+    assert out.read_bytes() == b"not a folder"
+    assert not (tmp_path / "work").exists()  # nothing was started
+    # a file further up the path is caught as well, naming the flag that points there
+    assert main(["demo", "--smoke", "--no-progress", "--work", str(out / "work"),
+                 "--out", str(tmp_path / "new")]) == 2
+    assert "--work" in capsys.readouterr().err
+
+
+def test_run_demo_checks_its_paths_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--out"):
+        run_demo(SMOKE, out, tmp_path / "work", progress=False)
+    with pytest.raises(NotADirectoryError, match="--out"):
+        run_demo(SMOKE, out / "keep.txt", tmp_path / "work", progress=False, overwrite=True)
+    assert not (tmp_path / "work").exists() and (out / "keep.txt").read_text() == "mine"
+
+
+def _tiny_demo_models():
+    from wanx.model import WanDiT
+    from wanx.text import UMT5Encoder
+    from wanx.text.demo_vocab import build_demo_tokenizer
+    from wanx.vae import WanVAE
+
+    torch.manual_seed(0)
+    t5 = UMT5Encoder(SMOKE.t5_config(build_demo_tokenizer().get_vocab_size()))
+    return WanVAE(SMOKE.vae_config()), t5, (WanDiT(SMOKE.dit_config()), WanDiT(SMOKE.dit_config()))
+
+
+def test_export_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
+    from wanx.loading import dit as dit_loading
+    from wanx.train.export import export_folder
+
+    vae, t5, experts = _tiny_demo_models()
+    out = tmp_path / "out"
+
+    def fail_midway(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(dit_loading, "save_dit", fail_midway)
+        with pytest.raises(RuntimeError, match="disk full"):
+            export_folder(out, SMOKE, vae, t5, experts, {"seed": 0})
+    assert list(tmp_path.iterdir()) == []  # no half-written folder, no temporary left behind
+    export_folder(out, SMOKE, vae, t5, experts, {"seed": 0})
+    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert {"wanx.json", "training_summary.json", "Wan2.1_VAE.pth", "high_noise_model/config.json",
+            "low_noise_model/diffusion_pytorch_model.safetensors"} <= names
+    assert json.loads((out / "training_summary.json").read_text()) == {"seed": 0}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_folder(out, SMOKE, vae, t5, experts, {"seed": 1})
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    export_folder(out, SMOKE, vae, t5, experts, {"seed": 1}, overwrite=True)
+    assert json.loads((out / "training_summary.json").read_text()) == {"seed": 1}
+
+
+def test_loss_curve_never_replaces_a_file_unasked(smoke_run, tmp_path):
+    root, _ = smoke_run
+    png = tmp_path / "loss.png"
+    png.write_bytes(b"an older picture")
+    with pytest.raises(FileExistsError):
+        write_loss_curve(root / "work" / "log.jsonl", png)
+    assert png.read_bytes() == b"an older picture"
+    write_loss_curve(root / "work" / "log.jsonl", png, overwrite=True)
+    assert png.read_bytes().startswith(b"\x89PNG")

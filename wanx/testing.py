@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_output
 from .configs import DiTConfig, T5Config, VAEConfig, get_task
 
 TINY_TASK_DEFAULTS = {"supported_sizes": ["64*64", "128*64", "64*128", "128*128"],
@@ -49,7 +50,7 @@ def build_tiny_checkpoint(folder: str | Path, task: str = "t2v-A14B", *, seed: i
     from .loading.vae import save_vae
     from .model import WanDiT
     from .text import UMT5Encoder
-    from .train.vocab import save_demo_tokenizer
+    from .text.demo_vocab import save_demo_tokenizer
     from .vae import WanVAE
 
     spec = get_task(task)
@@ -58,7 +59,7 @@ def build_tiny_checkpoint(folder: str | Path, task: str = "t2v-A14B", *, seed: i
     gen = torch.Generator().manual_seed(seed)
     dit_cfg, t5_cfg, vae_cfg = tiny_configs(task)
 
-    save_demo_tokenizer(folder / spec.t5_tokenizer)
+    save_demo_tokenizer(folder / spec.t5_tokenizer, overwrite=True)  # rebuilding a folder in place is allowed
     t5 = UMT5Encoder(t5_cfg)
     _randomize(t5, gen, std=0.5)
     save_t5(t5, folder / spec.t5_checkpoint)
@@ -71,7 +72,8 @@ def build_tiny_checkpoint(folder: str | Path, task: str = "t2v-A14B", *, seed: i
         save_dit(dit, folder / sub, layout="official", max_shard_bytes=max_shard_bytes)
     overrides = dict(TINY_TASK_DEFAULTS, **(task_overrides or {}))
     meta = {"t5": t5_cfg.to_dict(), "vae": vae_cfg.to_dict(), "task": {"base": task, **overrides}}
-    (folder / "wanx.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_output(folder / "wanx.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 

@@ -10,6 +10,7 @@ installed, CPU tensors, ...) falls back to ``"sdpa"`` with one logged warning na
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import math
@@ -105,27 +106,19 @@ def effective_backend(device: torch.device | str, head_dim: int, backend: str | 
 BIAS_BACKENDS = ("sdpa", "math")  # backends that accept an additive score bias
 
 
-def _key_mask(k_lens: torch.Tensor, lk: int, device: torch.device) -> torch.Tensor:
-    """Boolean [B, 1, 1, Lk] mask, True where the key is real."""
-    return (torch.arange(lk, device=device)[None, :] < k_lens.to(device)[:, None])[:, None, None, :]
-
-
-def _sdpa(q, k, v, k_lens, bias=None):
+def _sdpa(q, k, v, bias=None):
     # SDPA wants [B, H, L, D].
-    mask = bias if k_lens is None else _key_mask(k_lens, k.shape[1], k.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask)  # [B, H, Lq, D]
+                                         attn_mask=bias)  # [B, H, Lq, D]
     return out.transpose(1, 2)  # [B, Lq, H, D]
 
 
-def _math(q, k, v, k_lens, bias=None):
+def _math(q, k, v, bias=None):
     """Reference: softmax(QK^T / sqrt(d) + bias) V, explicitly, in float32."""
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, Lq, Lk]
     if bias is not None:
         scores = scores + bias.float()
-    if k_lens is not None:
-        scores = scores.masked_fill(~_key_mask(k_lens, k.shape[1], k.device), float("-inf"))
     out = scores.softmax(dim=-1) @ vf  # [B, H, Lq, D]
     return out.transpose(1, 2).to(v.dtype)  # [B, Lq, H, D]
 
@@ -135,59 +128,35 @@ def _to_half(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.dtype in _HALF else t.to(torch.bfloat16) for t in ts]
 
 
-def _cu_seqlens(lens: torch.Tensor) -> torch.Tensor:
-    return F.pad(lens.to(torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-
-
-def _flash(q, k, v, k_lens, *, version: int):
+def _flash(q, k, v, *, version: int):
     mod = _import("flash_attn_interface" if version == 3 else "flash_attn")
-    q, k, v = _to_half(q, k, v)
-    b, lq, h, d = q.shape
-    if k_lens is None:
-        out = mod.flash_attn_func(q, k, v)
-    else:
-        # Variable-length keys: pack the real keys of every sample and pass cumulative lengths.
-        k_lens = k_lens.to(device=q.device, dtype=torch.int32)
-        keep = _key_mask(k_lens, k.shape[1], k.device)[:, 0, 0, :]  # [B, Lk]
-        q_lens = torch.full((b,), lq, dtype=torch.int32, device=q.device)
-        # Some FA3 releases take seqused_* without defaults; FA2 has no such arguments.
-        extra = {"seqused_q": None, "seqused_k": None} if version == 3 else {}
-        out = mod.flash_attn_varlen_func(
-            q.flatten(0, 1), k[keep], v[keep],  # [B*Lq, H, D], [sum(k_lens), H, D] x2
-            cu_seqlens_q=_cu_seqlens(q_lens), cu_seqlens_k=_cu_seqlens(k_lens),
-            max_seqlen_q=lq, max_seqlen_k=int(k_lens.max()), **extra)
+    out = mod.flash_attn_func(*_to_half(q, k, v))
     if isinstance(out, tuple):  # some flash_attn_interface versions also return the LSE
         out = out[0]
-    return out.view(b, lq, h, d)  # [B, Lq, H, D]
+    return out  # [B, Lq, H, D]
 
 
-def _sage(q, k, v, k_lens):
+def _sage(q, k, v):
     sageattn = _import("sageattention").sageattn
-    q, k, v = _to_half(q, k, v)
-    if k_lens is None:
-        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
-    # SageAttention has no key mask: run each sample on its real keys.
-    outs = [sageattn(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], tensor_layout="NHD", is_causal=False)
-            for i, n in enumerate(k_lens.tolist())]
-    return torch.cat(outs)  # [B, Lq, H, D]
+    return sageattn(*_to_half(q, k, v), tensor_layout="NHD", is_causal=False)  # [B, Lq, H, D]
 
 
 _IMPLS: dict[str, Callable] = {
     "sdpa": _sdpa,
     "math": _math,
-    "flash2": lambda q, k, v, k_lens: _flash(q, k, v, k_lens, version=2),
-    "flash3": lambda q, k, v, k_lens: _flash(q, k, v, k_lens, version=3),
+    "flash2": functools.partial(_flash, version=2),
+    "flash3": functools.partial(_flash, version=3),
     "sage": _sage,
 }
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_lens: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """Softmax attention over ``[B, L, H, D]`` tensors; ``k_lens [B]`` masks keys past each length.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """Softmax attention over ``[B, L, H, D]`` tensors (every key attended, as the Wan DiT does).
 
-    ``bias`` (``[B, 1, 1, Lk]``, added to the scaled scores) is accepted only by the backends in
-    :data:`BIAS_BACKENDS` and not together with ``k_lens``. q and k are cast to v's dtype (as the
-    official code does); the result is ``[B, Lq, H, D]`` in v's dtype.
+    ``bias`` (``[B, 1, 1, Lk]``, added to the scaled scores; ``-inf`` masks a key) is accepted only
+    by the backends in :data:`BIAS_BACKENDS`. q and k are cast to v's dtype (as the official code
+    does); the result is ``[B, Lq, H, D]`` in v's dtype.
     """
     name = _check_name(backend) if backend is not None else get_attention_backend()
     reason = _unavailable_reason(name, q.device, q.shape[-1])
@@ -198,7 +167,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_lens: torc
         name = "sdpa"
     q, k = q.to(v.dtype), k.to(v.dtype)
     if bias is None:
-        return _IMPLS[name](q, k, v, k_lens).to(v.dtype)
-    if name not in BIAS_BACKENDS or k_lens is not None:
-        raise ValueError(f"a score bias needs one of {BIAS_BACKENDS} without k_lens (backend {name!r})")
-    return _IMPLS[name](q, k, v, None, bias.to(v.dtype)).to(v.dtype)
+        return _IMPLS[name](q, k, v).to(v.dtype)
+    if name not in BIAS_BACKENDS:
+        raise ValueError(f"a score bias needs one of {BIAS_BACKENDS} (backend {name!r})")
+    return _IMPLS[name](q, k, v, bias.to(v.dtype)).to(v.dtype)

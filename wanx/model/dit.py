@@ -191,6 +191,28 @@ class WanDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
+    @torch.no_grad()
+    def init_weights(self) -> "WanDiT":
+        """The official ``WanModel.init_weights`` for training from scratch; returns ``self``.
+
+        Xavier-uniform linears (zero biases) and patch embedding, N(0, 0.02) text and time
+        embedding weights, and a zero output head so that a fresh model predicts zero velocity.
+        Draws from torch's default generator (seed it first for a reproducible init).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embedding.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a [dim, C*pt*ph*pw] matrix
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        return self
+
     def compile_blocks(self, **compile_kwargs) -> "WanDiT":
         """``torch.compile`` every transformer block in place (weights and state-dict keys unchanged).
 

@@ -80,15 +80,6 @@ def _rotate_real(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).reshape(b, l, h, d)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, L, H, D]`` by ``freqs [L, D/2]`` (complex); returns float32 ``[B, L, H, D]``."""
-    b, l, h, d = x.shape
-    # parity: the product is taken in complex float64 and only then rounded to float32.
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, l, h, d // 2, 2))  # [B, L, H, D/2]
-    out = torch.view_as_real(xc * freqs[None, :, None, :])  # [B, L, H, D/2, 2]
-    return out.reshape(b, l, h, d).float()  # [B, L, H, D]
-
-
 class RopeCache:
     """Per-(grid, device) complex64 tables (see :func:`rope_tables`); oldest evicted first."""
 

@@ -36,29 +36,16 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
-def _would_overwrite(out: Path, work: Path, resume: bool, overwrite: bool) -> str | None:
-    """Why this run would replace something that exists (None if it would not), checked up front."""
-    if overwrite:
-        return None
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        return (f"--out {out} already holds files; pass --overwrite to replace them "
-                f"(or --resume to continue the run in --work)")
-    used = [f.name for f in (work / "vae_ckpt.pt", work / "dit_ckpt.pt", work / "latents.pt") if f.is_file()]
-    if used and not resume:
-        return (f"--work {work} holds a previous run ({', '.join(used)}); pass --resume to continue it "
-                f"or --overwrite to start over")
-    return None
-
-
 def cmd_train(args) -> int:
     """Run ``wanx train`` from parsed flags; returns the exit code."""
     import torch
 
-    from .demo import DemoRecipe, run_demo
+    from .demo import DemoRecipe, check_run_paths, run_demo
 
-    problem = _would_overwrite(Path(args.out), Path(args.work), args.resume, args.overwrite)
-    if problem:
-        print(f"wanx train: {problem}", file=sys.stderr)
+    try:  # before any training: an unusable or unasked-for replacement of --out / --work
+        check_run_paths(Path(args.out), Path(args.work), resume=args.resume, overwrite=args.overwrite)
+    except (FileExistsError, NotADirectoryError) as e:
+        print(f"wanx train: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,7 +55,8 @@ def cmd_train(args) -> int:
     recipe = dataclasses.replace(recipe, **over)
     summary = run_demo(recipe, Path(args.out), Path(args.work), seed=args.seed, device=args.device,
                        minutes_vae=args.minutes_vae, minutes_dit=args.minutes_dit, resume=args.resume,
-                       stop_after=args.stop_after, progress=not args.no_progress)
+                       stop_after=args.stop_after, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     stages = summary.get("stages", {})
     for name, info in stages.items():
         secs = info.get("seconds")

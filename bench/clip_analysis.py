@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, parse_caption_full
+from wanx.train.data import BACKGROUNDS, COLOURS, MOTIONS, parse_caption_full
 
 # Below this 99th-percentile RGB distance from the background there is no object to speak of.
 MIN_OBJECT_CONTRAST = 40.0

@@ -1,14 +1,16 @@
-"""The demo model's tokenizer: word level over the caption vocabulary, laid out like umT5's.
+"""The demo model's tokenizer: word level over a fixed caption vocabulary, laid out like umT5's.
 
 Special ids match the HF umT5 tokenizer (``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2) and the
 post-processor appends ``</s>`` with the same TemplateProcessing ("$A </s>"), so the demo goes
-through exactly the code path of the real model's tokenizer.
+through exactly the code path of the real model's tokenizer. Tiny test checkpoints
+(``wanx.testing``) reuse it because it needs no download.
 
 Ids are a function of the word list only: the trainer sees every word once, and the
-WordLevelTrainer orders equal counts alphabetically after the special tokens. The shipped demo
-folder must still carry its ``tokenizer.json`` (written by :func:`save_demo_tokenizer`) and the
-runtime must load that file rather than rebuild, because the text encoder's embeddings are tied
-to these ids.
+WordLevelTrainer orders equal counts alphabetically after the special tokens. The words are
+spelled out here rather than collected from the training data (``wanx.train.data``, a layer
+above): the shipped demo's text embeddings are tied to these ids, so the list is frozen; tests
+check that every word a training caption can contain is in it. The shipped folder still carries
+its own ``tokenizer.json`` and the runtime loads that file rather than rebuilding.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from .data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+from ..atomic import atomic_output
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-# Words of the caption templates (see wanx.train.data) ...
+# The attributes a demo caption names (colour, shape, motion, background) ...
+ATTRIBUTE_WORDS = ("red", "green", "blue", "yellow", "circle", "square", "triangle",
+                   "left", "right", "up", "down", "black", "gray", "white")
+# ... the words of the caption templates ...
 TEMPLATE_WORDS = ("a", "an", "moving", "on", "background")
 # ... and a few generic ones, so near-miss prompts ("A red circle moving left.", "grey", "the")
 # tokenise to known ids instead of <unk>. Words never seen in training get untrained embeddings,
@@ -32,8 +37,7 @@ GENERIC_WORDS = ("the", "grey", "video", "of", "shape", "object", "and", ".", ",
 
 def demo_words() -> list[str]:
     """Every non-special word of the demo vocabulary, sorted (id order after the specials)."""
-    words = {*COLOURS, *SHAPES, *MOTIONS, *BACKGROUNDS, *TEMPLATE_WORDS, *GENERIC_WORDS}
-    return sorted(words)
+    return sorted({*ATTRIBUTE_WORDS, *TEMPLATE_WORDS, *GENERIC_WORDS})
 
 
 def build_demo_tokenizer() -> Tokenizer:
@@ -57,11 +61,15 @@ def _check_special_ids(tok: Tokenizer) -> None:
             raise RuntimeError(f"special token {token!r} got id {got}, expected {want}")
 
 
-def save_demo_tokenizer(folder: str | Path, model_max_length: int = 512) -> Path:
-    """Write tokenizer.json plus the two small configs transformers' AutoTokenizer reads."""
+def save_demo_tokenizer(folder: str | Path, model_max_length: int = 512, *, overwrite: bool = False) -> Path:
+    """Write tokenizer.json plus the two small configs transformers' AutoTokenizer reads.
+
+    Each file is published atomically; an existing one is replaced only with ``overwrite``.
+    Returns the path of ``tokenizer.json``.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    build_demo_tokenizer().save(str(folder / "tokenizer.json"))
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"tokenizer folder {folder} is a file")
     special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -69,6 +77,9 @@ def save_demo_tokenizer(folder: str | Path, model_max_length: int = 512) -> Path
         "padding_side": "right",
         **special,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    with atomic_output(folder / "tokenizer.json", overwrite=overwrite) as tmp:
+        build_demo_tokenizer().save(str(tmp))
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with atomic_output(folder / name, overwrite=overwrite) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
     return folder / "tokenizer.json"

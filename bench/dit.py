@@ -1,6 +1,6 @@
 """One denoising step with classifier-free guidance: wanx WanDiT vs diffusers WanTransformer3DModel.
 
-wanx runs the step the way its pipeline does (``WanPipeline.predict``: cond and uncond batched in one
+wanx runs the step the way its pipeline does (``wanx.pipelines.denoise.guided_velocity``: cond and uncond batched in one
 forward); diffusers the way ``diffusers.WanPipeline`` does (two forwards, contexts zero-padded to
 512). Both hold the very same weight tensors: the diffusers model is built on the meta device and
 the wanx state dict, renamed by ``official_to_diffusers``, is assigned into it (no copy).
@@ -77,15 +77,15 @@ def make_inputs(size: Size, device: str, seed: int = 2):
 
 
 def wanx_step(model: WanDiT):
-    """The wanx pipeline's own guided prediction (batched CFG)."""
-    from wanx.pipelines.common import PipelineOptions, WanPipeline
-
-    pipe = WanPipeline(get_task("t2v-A14B"), None, None, [model], device=next(model.parameters()).device,
-                       options=PipelineOptions(batch_cfg=True))
+    """The wanx pipeline's own guided prediction (batched CFG, prompt lengths passed along)."""
+    from wanx.pipelines.denoise import guided_velocity
+    from wanx.text import TextContext
 
     def step(latent, t, ctx, ctx_null):
+        cond = TextContext(ctx, torch.tensor([ctx.shape[1]]))
+        uncond = TextContext(ctx_null, torch.tensor([ctx_null.shape[1]]))
         with torch.no_grad():
-            return pipe.predict(model, latent, t, ctx, ctx_null, GUIDE)
+            return guided_velocity(model, latent, t, cond, uncond, GUIDE, batch_cfg=True)
     return step
 
 

@@ -283,7 +283,7 @@ def test_smoke_run_exports_a_loadable_folder_and_generates(smoke_run):
     assert meta["vae"]["latents_std"] == pytest.approx(summary["stages"]["stats"]["std"])
     pipe = wanx.load_pipeline(out)
     assert len(pipe.experts) == 2
-    assert pipe.prepare_condition(pipe.resolve("a", size="16*16"))["grid"] == (2, 4, 4)
+    assert pipe.resolve("a", size="16*16").latent_grid == (2, 4, 4)
     video = pipe.generate("a red circle moving left", seed=1)
     assert video.frames.shape == (SMOKE.frames, 16, 16, 3)
     assert video.metadata["negative_prompt"] == ""

@@ -101,3 +101,15 @@ def test_speed_and_memory_flags_reach_load_pipeline(ckpt, tmp_path, monkeypatch)
         cli.main(["generate", "a cat", "--ckpt_dir", str(ckpt), "--compile", "--vae_tiling", "--t5_cpu",
                   "--offload_model", "True", "--save_file", str(tmp_path / "x.mp4")])
     assert seen["compile"] and seen["vae_tiling"] and seen["t5_cpu"] and seen["offload_model"]
+
+
+def test_every_flag_of_every_command_has_help_and_lists_its_choices():
+    sub = cli.build_parser()._subparsers._group_actions[0]
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"wanx {name} {action.option_strings or action.dest} has no help text"
+            if action.choices and action.option_strings:
+                text = parser.format_help()
+                assert all(str(c) in text for c in action.choices), f"{name} {action.option_strings}"

@@ -18,7 +18,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["demo"], help="what to train (only the built-in demo model so far)")
     p.add_argument("--out", default="wanx/demo/wanx-demo", help="checkpoint folder to write (official layout)")
     p.add_argument("--work", default="runs/demo", help="folder for checkpoints, logs, latent cache, loss curve")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE optimiser steps (default: recipe)")

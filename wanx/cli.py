@@ -20,7 +20,8 @@ from .version import __version__
 
 log = logging.getLogger("wanx")
 
-SOLVERS = ("unipc", "dpm++", "euler")  # wanx.sampling.SAMPLERS, listed here so --help needs no torch
+SOLVERS = ("unipc", "dpm++", "euler", "flow_euler")  # wanx.sampling.SAMPLERS; --help needs no torch
+RECIPES = ("lightning",)  # wanx.request.RECIPES
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("sdpa", "math", "flash2", "flash3", "sage")
 # Resolver argument -> the flag a CLI user typed, for error messages.
@@ -28,7 +29,9 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative_prompt", "image": 
          "frame_num": "--frame_num", "sample_steps": "--sample_steps", "sample_shift": "--sample_shift",
          "guide_scale": "--sample_guide_scale", "boundary": "--boundary", "sample_solver": "--sample_solver",
          "seed": "--base_seed", "save_file": "--save_file", "device": "--device", "dtype": "--dtype",
-         "threads": "--threads"}
+         "threads": "--threads", "recipe": "--recipe", "timesteps": "--timesteps",
+         "boundary_step": "--boundary_step", "cfg_first_steps": "--cfg_first_steps",
+         "cfg_first_scale": "--cfg_first_scale"}
 
 
 def _bool(v: str) -> bool:
@@ -52,6 +55,13 @@ def _guide(v: str):
     raise argparse.ArgumentTypeError("guide scale is one float or 'low,high'")
 
 
+def _floats(v: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in v.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {v!r}") from None
+
+
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
     """Flags mirroring the official generate.py, plus wanx's own (device, dtype, overrides)."""
     p.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (same as --prompt)")
@@ -63,7 +73,19 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="the prompt")
     p.add_argument("--negative_prompt", default="", help="negative prompt; empty: the official default")
     p.add_argument("--image", default=None, help="input image file: required for i2v-A14B, optional for ti2v-5B")
-    p.add_argument("--sample_solver", default="unipc", choices=SOLVERS, help=f"one of {', '.join(SOLVERS)}")
+    p.add_argument("--sample_solver", default=None, choices=SOLVERS,
+                   help=f"one of {', '.join(SOLVERS)} (default: unipc, or the recipe's)")
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="lightning: the 4-step distilled preset (flow_euler, shift 5, guidance 1, 2+2 experts); "
+                        "explicit flags override its settings")
+    p.add_argument("--timesteps", type=_floats, default=None,
+                   help="explicit timesteps the DiT sees, e.g. 1000,937.5,833.33,625 (Euler solvers; no shift applied)")
+    p.add_argument("--boundary_step", type=int, default=None,
+                   help="switch to the low-noise expert at this step index instead of by timestep")
+    p.add_argument("--cfg_first_steps", type=int, default=0,
+                   help="real guidance for this many first steps, live LoRAs off (against slow 4-step motion)")
+    p.add_argument("--cfg_first_scale", type=_guide, default=None,
+                   help="guidance of those first steps: one float or 'low,high' (default: the task's official)")
     p.add_argument("--sample_steps", type=int, default=None, help="denoising steps; default: the task's")
     p.add_argument("--sample_shift", type=float, default=None, help="noise-schedule shift (> 0); default: the task's")
     p.add_argument("--sample_guide_scale", type=_guide, default=None,
@@ -154,7 +176,9 @@ def _resolve_generate(args):
     req = resolve_request(facts, prompt, args.negative_prompt or None, args.image, args.size, args.frame_num,
                           args.sample_steps, args.sample_shift, args.sample_guide_scale, args.boundary,
                           args.sample_solver, args.base_seed, allow_any_size=args.allow_any_size,
-                          save_file=args.save_file, overwrite=args.overwrite)
+                          save_file=args.save_file, overwrite=args.overwrite, recipe=args.recipe,
+                          timesteps=args.timesteps, boundary_step=args.boundary_step,
+                          cfg_first_steps=args.cfg_first_steps, cfg_first_scale=args.cfg_first_scale)
     if req.output is None:
         name = default_output_name(facts.spec.name, req.video_size, req.prompt, time.strftime("%Y%m%d_%H%M%S"))
         req = replace(req, output=check_output(name, args.overwrite))

@@ -72,22 +72,108 @@ class GenerationRequest:
     sample_solver: str
     seed: int
     output: Path | None = None  # where the CLI will save, checked writable
+    recipe: str | None = None  # a named preset the defaults came from (RECIPES)
+    timesteps: tuple[float, ...] | None = None  # explicit schedule (what the DiT sees), Euler solvers
+    boundary_step: int | None = None  # switch experts by step index instead of by timestep
+    cfg_first_steps: int = 0  # a real-guidance phase: this many first steps ...
+    cfg_first_scale: tuple[float, float] | None = None  # ... at this (low, high) scale, live LoRAs off
 
-    def recipe(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         """The settings that decide the frames, for the video's metadata."""
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "image": self.image_name,
                 "size": f"{self.size[0]}*{self.size[1]}", "frame_num": self.frame_num,
                 "sample_steps": self.sample_steps, "sample_shift": self.sample_shift,
                 "sample_guide_scale": list(self.guide_scale), "boundary": self.boundary,
-                "sample_solver": self.sample_solver, "seed": self.seed}
+                "sample_solver": self.sample_solver, "seed": self.seed, "recipe": self.recipe,
+                "timesteps": None if self.timesteps is None else list(self.timesteps),
+                "boundary_step": self.boundary_step, "cfg_first_steps": self.cfg_first_steps,
+                "cfg_first_scale": None if self.cfg_first_scale is None else list(self.cfg_first_scale)}
+
+
+# Named presets over plain settings: they fill what the caller left as None.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Wan2.2-Lightning / LightX2V 4-step distillation: Euler on float timesteps 1000, 937.5, 833.3, 625,
+    # no unconditional pass, 2 high-noise + 2 low-noise steps (the task's boundary gives the split).
+    "lightning": {"sample_solver": "flow_euler", "sample_steps": 4, "sample_shift": 5.0, "guide_scale": 1.0},
+}
 
 
 def resolve_request(facts: ModelFacts, prompt: Any, negative_prompt: Any = None, image: Any = None,
                     size: Any = None, frame_num: Any = None, sample_steps: Any = None,
                     sample_shift: Any = None, guide_scale: Any = None, boundary: Any = None,
-                    sample_solver: Any = "unipc", seed: Any = -1, *, allow_any_size: bool | None = False,
-                    save_file: Any = None, overwrite: bool = False) -> GenerationRequest:
-    """Fill every ``None`` with the task's default and check everything; raises :class:`InputError`."""
+                    sample_solver: Any = None, seed: Any = -1, *, allow_any_size: bool | None = False,
+                    save_file: Any = None, overwrite: bool = False, recipe: Any = None, timesteps: Any = None,
+                    boundary_step: Any = None, cfg_first_steps: Any = 0,
+                    cfg_first_scale: Any = None) -> GenerationRequest:
+    """Fill every ``None`` with the recipe's or the task's default and check everything.
+
+    Raises :class:`InputError` naming the argument.
+    """
+    preset = _recipe(recipe)
+    if sample_solver is None:  # explicit timesteps need a solver that walks any list: plain Euler steps
+        sample_solver = preset.get("sample_solver", "flow_euler" if timesteps is not None else "unipc")
+    sample_steps = preset.get("sample_steps") if sample_steps is None else sample_steps
+    sample_shift = preset.get("sample_shift") if sample_shift is None else sample_shift
+    guide_scale = preset.get("guide_scale") if guide_scale is None else guide_scale
+    base = _resolve_base(facts, prompt, negative_prompt, image, size, frame_num, sample_steps, sample_shift,
+                         guide_scale, boundary, sample_solver, seed, allow_any_size, save_file, overwrite)
+    return _resolve_schedule(facts, base, recipe, timesteps, boundary_step, boundary, cfg_first_steps,
+                             cfg_first_scale, sample_steps)
+
+
+def _recipe(name: Any) -> dict[str, Any]:
+    if name is None:
+        return {}
+    if name not in RECIPES:
+        raise InputError("recipe", f"unknown {{arg}} {name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def _resolve_schedule(facts: ModelFacts, req: GenerationRequest, recipe, timesteps, boundary_step, boundary,
+                      cfg_first_steps, cfg_first_scale, sample_steps) -> GenerationRequest:
+    """The schedule knobs beyond steps/shift: explicit timesteps, a step-index switch, a guidance phase."""
+    from dataclasses import replace
+
+    from .sampling import EXPLICIT_TIMESTEP_SOLVERS, explicit_schedule
+
+    changes: dict[str, Any] = {"recipe": recipe}
+    if timesteps is not None:
+        try:
+            _, t = explicit_schedule(timesteps)
+        except (TypeError, ValueError) as e:
+            raise InputError("timesteps", f"{{arg}}: {e}") from None
+        if req.sample_solver not in EXPLICIT_TIMESTEP_SOLVERS:
+            raise InputError("timesteps", f"{{arg}} need an Euler solver ({', '.join(EXPLICIT_TIMESTEP_SOLVERS)}); "
+                                          f"{req.sample_solver} assumes its own schedule")
+        if sample_steps is not None and int(sample_steps) != len(t):
+            raise InputError("timesteps", f"{{arg}} lists {len(t)} steps but sample_steps is {sample_steps}")
+        changes.update(timesteps=tuple(t.tolist()), sample_steps=len(t))
+    steps = changes.get("sample_steps", req.sample_steps)
+    if boundary_step is not None:
+        if not facts.two_experts:
+            raise InputError("boundary_step", f"{{arg}} switches between two experts; {facts.spec.name} has one")
+        if boundary is not None:
+            raise InputError("boundary_step", "give {arg} or boundary (a timestep ratio), not both")
+        changes["boundary_step"] = _int_in("boundary_step", boundary_step, 0, steps)
+    changes["cfg_first_steps"] = _int_in("cfg_first_steps", cfg_first_steps or 0, 0, steps)
+    if changes["cfg_first_steps"]:
+        scale = facts.spec.guide_scale if cfg_first_scale is None else cfg_first_scale
+        changes["cfg_first_scale"] = _guide_scale(facts, scale, "cfg_first_scale")
+    elif cfg_first_scale is not None:
+        raise InputError("cfg_first_scale", "{arg} sets the scale of a real-guidance phase: give cfg_first_steps too")
+    return replace(req, **changes)
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value) or not low <= value <= high:
+        raise InputError(name, f"{{arg}} must be a whole number in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def _resolve_base(facts, prompt, negative_prompt, image, size, frame_num, sample_steps, sample_shift,
+                  guide_scale, boundary, sample_solver, seed, allow_any_size, save_file, overwrite):
     spec = facts.spec
     prompt_text = _text("prompt", prompt, required=True)
     negative = _text("negative_prompt", negative_prompt) or spec.negative_prompt
@@ -169,18 +255,18 @@ def _solver(name: Any) -> str:
     return name
 
 
-def _guide_scale(facts: ModelFacts, value: Any) -> tuple[float, float]:
+def _guide_scale(facts: ModelFacts, value: Any, name: str = "guide_scale") -> tuple[float, float]:
     """A float or the official ``(low_noise, high_noise)`` pair -> (low, high)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise InputError("guide_scale", f"{{arg}} is one number or a (low_noise, high_noise) pair, "
-                                            f"got {len(value)} values")
-        low, high = (_finite("guide_scale", v) for v in value)
+            raise InputError(name, f"{{arg}} is one number or a (low_noise, high_noise) pair, "
+                                   f"got {len(value)} values")
+        low, high = (_finite(name, v) for v in value)
         if low != high and not facts.two_experts:
-            raise InputError("guide_scale", f"{{arg}} ({low}, {high}) sets one scale per expert, but "
-                                            f"{facts.spec.name} has one expert; give one number")
+            raise InputError(name, f"{{arg}} ({low}, {high}) sets one scale per expert, but "
+                                   f"{facts.spec.name} has one expert; give one number")
         return low, high
-    scale = _finite("guide_scale", value)
+    scale = _finite(name, value)
     return scale, scale
 
 

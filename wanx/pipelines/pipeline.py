@@ -102,7 +102,9 @@ class WanPipeline:
 
     def plan(self, req: GenerationRequest) -> SamplingPlan:
         return build_plan(req.sample_solver, req.sample_steps, req.sample_shift, req.guide_scale,
-                          req.boundary, len(self.experts))
+                          req.boundary, len(self.experts), timesteps=req.timesteps,
+                          boundary_step=req.boundary_step, cfg_first_steps=req.cfg_first_steps,
+                          cfg_first_scale=req.cfg_first_scale)
 
     def decode(self, latent: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """[1, C, T, h, w] latent -> [3, F, H, W] video in [-1, 1], streamed one latent frame at a time."""
@@ -114,18 +116,20 @@ class WanPipeline:
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str | None = None, image=None, size=None,
                  frame_num: int | None = None, sample_steps: int | None = None, sample_shift: float | None = None,
-                 guide_scale=None, boundary: float | None = None, sample_solver: str = "unipc", seed: int = -1,
+                 guide_scale=None, boundary: float | None = None, sample_solver: str | None = None, seed: int = -1,
                  *, allow_any_size: bool | None = None, callback: StepCallback | None = None,
-                 progress: bool | None = None) -> Video:
+                 progress: bool | None = None, **schedule) -> Video:
         """Generate one video with the task's official recipe (None = the task default).
 
         A size outside the task's official list is warned about (``allow_any_size=False``
-        refuses it, as the CLI does; True accepts it silently).
+        refuses it, as the CLI does; True accepts it silently). ``schedule``: ``recipe="lightning"``
+        (the 4-step distilled preset), ``timesteps=[...]``, ``boundary_step=k``,
+        ``cfg_first_steps=k`` / ``cfg_first_scale=g`` (see :func:`wanx.request.resolve_request`).
         ``callback(step, total, plan_step)`` runs after each step and may raise
         :class:`wanx.Cancelled`; ``progress`` (default: when stderr is a terminal) shows bars.
         """
         req = self.resolve(prompt, negative_prompt, image, size, frame_num, sample_steps, sample_shift,
-                           guide_scale, boundary, sample_solver, seed, allow_any_size=allow_any_size)
+                           guide_scale, boundary, sample_solver, seed, allow_any_size=allow_any_size, **schedule)
         return self.run(req, callback=callback, progress=progress)
 
     @torch.no_grad()

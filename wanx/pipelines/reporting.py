@@ -69,7 +69,7 @@ def recipe_for(pipe, req) -> dict[str, Any]:
     from ..model.attention import effective_backend
 
     experts = pipe.experts
-    return {"task": pipe.spec.name, **req.recipe(), "dtype": str(experts[0].dtype).replace("torch.", ""),
+    return {"task": pipe.spec.name, **req.settings(), "dtype": str(experts[0].dtype).replace("torch.", ""),
             "text_dtype": str(next(pipe.text_encoder.model.parameters()).dtype).replace("torch.", ""),
             "device": pipe.device.type,
             "attention": effective_backend(pipe.device, pipe.dit_config.head_dim),

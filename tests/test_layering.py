@@ -133,3 +133,25 @@ def test_lower_layer_files_import_only_configs_and_their_own_package(path):
 def test_loading_and_testing_never_import_an_upper_layer(path):
     upward = [m for m in _wanx_imports(path) if _in(m, UPPER)]
     assert not upward, f"{path.relative_to(PACKAGE.parent)} imports {upward}"
+
+
+TOP = ("wanx.cli", "wanx.train", "wanx.serve", "wanx.batch")
+MIDDLE = [m for m in ("wanx.pipelines", "wanx.request", "wanx.residency", "wanx.device", "wanx.images",
+                      "wanx.geometry", "wanx.media", "wanx.lora", "wanx.cache", "wanx.quant") if _is_module(m)]
+
+
+@pytest.mark.parametrize("path", _files(MIDDLE), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_middle_layers_never_import_the_top(path):
+    upward = [m for m in _wanx_imports(path) if _in(m, TOP) and not _in(_module_name(path), TOP)]
+    assert not upward, f"{path.relative_to(PACKAGE.parent)} imports {upward}"
+
+
+def test_nothing_imports_the_cli():
+    importers = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+                 if p.name != "cli.py" and "wanx.cli" in _wanx_imports(p)]
+    assert not importers
+
+
+def test_importing_the_pipelines_loads_no_top_layer():
+    loaded = _loaded_after("import wanx.pipelines")
+    assert not [m for m in loaded if _in(m, TOP)]

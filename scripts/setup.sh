@@ -10,6 +10,8 @@
 #    `nvidia-smi -L`, otherwise the CPU build from PyTorch's CPU wheel index (about 200 MB
 #    instead of several GB), or from the default index when that one cannot be reached.
 # 3. Installs wanx in editable mode with the extras.
+# 4. With the test extra: fetches the official Wan source (the wan22 wheel, without its
+#    dependencies) into .venv/reference/ for the parity tests.
 #
 # A stamp in .venv records the extras installed and a hash of pyproject.toml and this script.
 # When a run asks for nothing that is not already there, it installs nothing and prints one
@@ -25,6 +27,10 @@ STAMP=$VENV/.wanx-setup
 TORCH_PIN=torch==2.13.0
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_CPU_TIMEOUT=5  # seconds per connection attempt; an unreachable index costs about this much
+REFERENCE_PIN=wan22==2.2.11
+REFERENCE_WHEEL=wan22-2.2.11-py3-none-any.whl
+REFERENCE_SHA256=1e776684c18d5ca245f5e2e03e19a003deb55b629ea1a450e7bb8f95b78a77bc
+REFERENCE_DIR=$VENV/reference
 
 say() { echo "setup: $*"; }
 die() { echo "setup: $*" >&2; exit 1; }
@@ -106,8 +112,34 @@ install_torch() {
   fi
 }
 
+# ------------------------------------------------------------------ official Wan reference source
+fetch_reference() {
+  if [ -f "$REFERENCE_DIR/wan/modules/model.py" ] && [ -f "$REFERENCE_DIR/$REFERENCE_WHEEL.sha256" ]; then
+    return
+  fi
+  say "fetching the official Wan source ($REFERENCE_PIN, no dependencies) into $REFERENCE_DIR"
+  ref_tmp=$(mktemp -d "$VENV/reference-tmp.XXXXXX")
+  trap 'rm -rf "$ref_tmp"' EXIT
+  local tmp=$ref_tmp
+  "$VPY" -m pip download -q --no-deps --only-binary :all: -d "$tmp" "$REFERENCE_PIN"
+  "$VPY" - "$tmp/$REFERENCE_WHEEL" "$REFERENCE_SHA256" "$tmp/tree" <<'PY'
+import hashlib, pathlib, sys, zipfile
+wheel, expected, out = sys.argv[1:]
+got = hashlib.sha256(pathlib.Path(wheel).read_bytes()).hexdigest()
+if got != expected:
+    sys.exit(f"setup: {wheel}: sha256 {got}, expected {expected}")
+zipfile.ZipFile(wheel).extractall(out)
+pathlib.Path(out, pathlib.Path(wheel).name + ".sha256").write_text(got + "\n")
+PY
+  rm -rf "$REFERENCE_DIR"
+  mv "$tmp/tree" "$REFERENCE_DIR"
+  rm -rf "$tmp"
+  trap - EXIT
+}
+
 # ------------------------------------------------------------------------------------- install
 if [ "$todo" = "-" ] && [ -z "${WANX_SETUP_FORCE:-}" ]; then
+  [[ ",$want," == *,test,* ]] && fetch_reference
   say "$VENV up to date: $(torch_summary), extras: ${want:-none}"
   exit 0
 fi
@@ -117,6 +149,7 @@ fi
 say "installing wanx (editable) with extras: ${todo:-none}"
 rm -f "$STAMP"
 "$VPY" -m pip install -qq -e ".${todo:+[$todo]}"  # -qq: errors only (setuptools talks a lot)
+[[ ",$todo," == *,test,* ]] && fetch_reference
 printf '%s\n%s\n' "$digest" "$todo" >"$STAMP"
 summary=$(torch_summary)
 say "done: $summary"

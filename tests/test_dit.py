@@ -135,11 +135,15 @@ def test_parity_with_diffusers(model_type):
     assert err <= 1e-5
 
 
+# The official `wan` package, unpacked from the wan22 wheel by `scripts/setup.sh all` (make test).
+OFFICIAL_SRC_DEFAULT = Path(__file__).resolve().parents[1] / ".venv" / "reference" / "wan"
+
+
 def _load_official_model_module():
     """wan/modules/model.py from the official source tree (WANX_OFFICIAL_SRC), without its package init."""
-    src = Path(os.environ.get("WANX_OFFICIAL_SRC", "/tmp/wan22/src/wan")) / "modules"
+    src = Path(os.environ.get("WANX_OFFICIAL_SRC", OFFICIAL_SRC_DEFAULT)) / "modules"
     if not (src / "model.py").is_file():
-        pytest.skip(f"official Wan source not found at {src}")
+        pytest.skip(f"official Wan source not found at {src} (`bash scripts/setup.sh all` fetches it)")
     pytest.importorskip("diffusers")
     pkg = types.ModuleType("_wan_official")
     pkg.__path__ = [str(src)]

@@ -34,7 +34,7 @@ class CheckpointLayout:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -71,7 +71,7 @@ def _shard_files(folder: Path) -> list[tuple[Path, str]]:
     index = folder / DIT_WEIGHTS[1]
     if (folder / DIT_WEIGHTS[0]).is_file() or not index.is_file():
         return []
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index} has no 'weight_map' object")
     return [(folder / name, f"shard listed in {index.name}") for name in sorted(set(weight_map.values()))]
@@ -111,7 +111,7 @@ def _read_wanx_json(root: Path) -> dict[str, Any]:
     path = root / WANX_JSON
     if not path.is_file():
         return {}
-    extra = _read_json(path)
+    extra = read_json(path)
     unknown = sorted(set(extra) - set(WANX_JSON_SECTIONS))
     if unknown:
         raise CheckpointError(f"{path}: unknown section(s) {unknown}; known: {', '.join(WANX_JSON_SECTIONS)}")
@@ -124,11 +124,11 @@ def _infer_official_task(root: Path) -> str:
     if (root / "high_noise_model").is_dir() or (root / "low_noise_model").is_dir():
         cfg_path = next((p for p in (root / "high_noise_model" / "config.json",
                                      root / "low_noise_model" / "config.json") if p.is_file()), None)
-        in_dim = _read_json(cfg_path).get("in_dim", 16) if cfg_path else 16
+        in_dim = read_json(cfg_path).get("in_dim", 16) if cfg_path else 16
         return "i2v-A14B" if in_dim == 36 else "t2v-A14B"
     cfg = root / "config.json"
     if cfg.is_file():
-        model_type = _read_json(cfg).get("model_type")
+        model_type = read_json(cfg).get("model_type")
         if model_type == "ti2v":
             return "ti2v-5B"
         if model_type == "s2v":
@@ -172,7 +172,7 @@ def _infer_diffusers_task(root: Path, index: dict) -> str:
     tcfg_path = root / "transformer" / "config.json"
     if not tcfg_path.is_file():
         tcfg_path = root / "transformer_2" / "config.json"
-    tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else {}
+    tcfg = read_json(tcfg_path) if tcfg_path.is_file() else {}
     in_ch = tcfg.get("in_channels", 16)
     if in_ch == 48 or index.get("expand_timesteps"):
         return "ti2v-5B"
@@ -180,7 +180,7 @@ def _infer_diffusers_task(root: Path, index: dict) -> str:
 
 
 def _diffusers_layout(root: Path, task: str | None) -> CheckpointLayout:
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     spec = get_task(task or _infer_diffusers_task(root, index))
     if index.get("boundary_ratio") is not None:
         spec = replace(spec, boundary=_check_boundary(index["boundary_ratio"], f"{root / 'model_index.json'}"))

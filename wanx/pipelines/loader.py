@@ -34,14 +34,14 @@ def demo_checkpoint_dir() -> Path:
 def describe_checkpoint(ckpt_dir=None, task: str | None = None) -> tuple[CheckpointLayout, ModelFacts]:
     """The folder's layout and the facts the resolver needs, from its config files only."""
     from ..loading.dit import dit_config_from_json
-    from ..loading.layout import _read_json
+    from ..loading.layout import read_json
 
     layout = find_checkpoint(ckpt_dir if ckpt_dir is not None else demo_checkpoint_dir(), task=task)
     configs = []
     for folder in layout.dit_paths:
         path = folder / "config.json"
         try:
-            configs.append(dit_config_from_json(_read_json(path)))
+            configs.append(dit_config_from_json(read_json(path)))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: {e}") from None
     if len(set(configs)) > 1:

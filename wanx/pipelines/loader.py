@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..device import VAE_DTYPE, dit_dtype, resolve_device, resolve_dtype
+from ..errors import InputError
 from ..loading.layout import CheckpointLayout, find_checkpoint
 from ..loading.safe import CheckpointError
 from ..request import ModelFacts
@@ -31,11 +32,22 @@ def demo_checkpoint_dir() -> Path:
     return DEMO_DIR
 
 
-def describe_checkpoint(ckpt_dir=None, task: str | None = None) -> tuple[CheckpointLayout, ModelFacts]:
-    """The folder's layout and the facts the resolver needs, from its config files only."""
+def describe_checkpoint(ckpt_dir=None, task: str | None = None, *,
+                        dit_files=None) -> tuple[CheckpointLayout, ModelFacts]:
+    """The folder's layout and the facts the resolver needs, from its config files only.
+
+    ``dit_files``: per-expert DiT single files replacing the folder's experts (read from their
+    headers; see :func:`wanx.quant.files.describe_dit_files`).
+    """
     from ..loading.dit import dit_config_from_json
     from ..loading.layout import read_json
 
+    if dit_files is not None:
+        from ..quant.files import describe_dit_files
+
+        root = Path(ckpt_dir) if ckpt_dir is not None else demo_checkpoint_dir()
+        layout, dit = describe_dit_files(root, task, dit_files)
+        return layout, ModelFacts(spec=layout.spec, dit=dit, num_experts=len(layout.dit_paths))
     layout = find_checkpoint(ckpt_dir if ckpt_dir is not None else demo_checkpoint_dir(), task=task)
     configs = []
     for folder in layout.dit_paths:
@@ -66,6 +78,10 @@ def checkpoint_identity(layout: CheckpointLayout) -> dict:
     digest = hashlib.sha256()
     total = 0
     for folder in layout.dit_paths:
+        if folder.is_file():  # a dit_files entry
+            total += folder.stat().st_size
+            digest.update(f"{folder.name}:{folder.stat().st_size}".encode())
+            continue
         cfg = folder / "config.json"
         if cfg.is_file():
             digest.update(cfg.read_bytes())
@@ -76,7 +92,7 @@ def checkpoint_identity(layout: CheckpointLayout) -> dict:
             "dit_fingerprint": digest.hexdigest()[:16], "dit_bytes": total}
 
 
-def _load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype):
+def _load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype, quantize: str | None = None):
     from ..loading.t5 import load_t5
     from ..text import TextEncoder, Tokenizer
 
@@ -87,6 +103,10 @@ def _load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype):
     except Exception as e:  # the tokenizers library raises its own untyped errors for a corrupt file
         raise CheckpointError(f"cannot read the tokenizer {layout.tokenizer_dir / 'tokenizer.json'}: {e}") from None
     model = load_t5(layout.t5_path, config=layout.t5_config, dtype=dtype, device="cpu")
+    if quantize is not None:
+        from ..quant import quantize_model_
+
+        quantize_model_(model, quantize)
     return TextEncoder(tokenizer, model, text_len=layout.spec.text_len)
 
 
@@ -97,30 +117,78 @@ def _load_vae(layout: CheckpointLayout, device: torch.device):
                     dtype=VAE_DTYPE, device=device)
 
 
-def _load_experts(layout: CheckpointLayout, dtype: torch.dtype, device: torch.device, offload: bool):
+def _load_expert(path: Path, dit, dtype: torch.dtype, device: torch.device, quantize: str | None):
+    """One expert: a folder or a dit_files entry, whose content picks the loader."""
     from ..loading.dit import load_dit
 
+    if path.is_file():
+        from ..quant import is_quantized_file, load_quantized_dit
+
+        if is_quantized_file(path):
+            return load_quantized_dit(path, dtype, device, config=dit)
+    config = dit if path.is_file() else None  # a file has no config.json: use the one describe checked
+    if quantize is not None:
+        from ..quant import load_dit_quantizing
+
+        return load_dit_quantizing(path, quantize, dtype, device, config=config)
+    return load_dit(path, config=config, dtype=dtype, device=device)
+
+
+def _load_experts(layout: CheckpointLayout, facts: ModelFacts, dtype: torch.dtype, device: torch.device,
+                  offload: bool, quantize: str | None = None):
     home = torch.device("cpu") if offload else device
-    return [load_dit(p, dtype=dtype, device=home) for p in layout.dit_paths]
+    return [_load_expert(p, facts.dit, dtype, home, quantize) for p in layout.dit_paths]
+
+
+def _check_quantize(layout: CheckpointLayout, quantize: str | None, t5_quantize: str | None) -> None:
+    """Refuse an unknown kind, or quantizing DiT files that are quantized already, before loading."""
+    if quantize is None and t5_quantize is None:
+        return
+    from ..quant import check_kind, is_quantized_file
+
+    for arg, kind in (("quantize", quantize), ("t5_quantize", t5_quantize)):
+        if kind is not None:
+            check_kind(kind, arg)
+    coded = [p for p in layout.dit_paths if p.is_file() and is_quantized_file(p)]
+    if quantize is not None and coded:
+        raise InputError("quantize", f"{coded[0]} is quantized already; drop {{arg}}")
+
+
+def _quant_identity(dit_files, quantize: str | None, t5_quantize: str | None) -> dict:
+    """What the recipe records of per-expert files and quantization (names only, never paths)."""
+    out = {}
+    if dit_files is not None:
+        from ..quant import quantized_format
+        from ..quant.files import as_file_list
+
+        out["dit_files"] = [{"name": p.name, "format": quantized_format(p)} for p in as_file_list(dit_files)]
+    return out | {k: v for k, v in (("quantize", quantize), ("t5_quantize", t5_quantize)) if v is not None}
 
 
 def load_pipeline(ckpt_dir=None, task: str | None = None, device=None, dtype=None, *,
                   offload_model: bool = False, t5_cpu: bool = False, convert_model_dtype: bool = False,
-                  batch_cfg: bool = True, vae_tiling: bool = False, compile: bool = False) -> WanPipeline:
+                  batch_cfg: bool = True, vae_tiling: bool = False, compile: bool = False,
+                  dit_files=None, quantize: str | None = None, t5_quantize: str | None = None) -> WanPipeline:
     """Load every component of ``ckpt_dir`` (None: the built-in demo model) for ``task``.
 
     ``dtype`` is the DiT and text-encoder compute dtype (default float32 on CPU, bfloat16 on CUDA);
     ``convert_model_dtype`` forces the DiT to bfloat16 as the official flag does. The VAE runs in fp32.
+    ``dit_files``: the DiT as single files instead of the folder's experts, (high, low) for a
+    two-expert task or one file: GGUF, quantized or plain safetensors (T5, VAE and tokenizer
+    still come from ``ckpt_dir``). ``quantize`` / ``t5_quantize``: "int8" or "fp8" weight-only
+    quantization of the DiT's / the umT5 encoder's block Linear layers while loading.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    layout, _ = describe_checkpoint(ckpt_dir, task)  # every config checked before any weight is read
+    layout, facts = describe_checkpoint(ckpt_dir, task, dit_files=dit_files)  # every config checked
+    _check_quantize(layout, quantize, t5_quantize)  # before any weight is read
     options = PipelineOptions(offload_model=offload_model, t5_cpu=t5_cpu,
                               convert_model_dtype=convert_model_dtype, batch_cfg=batch_cfg,
                               vae_tiling=vae_tiling, compile=compile)
-    text_encoder = _load_text_encoder(layout, dtype)
+    text_encoder = _load_text_encoder(layout, dtype, t5_quantize)
     vae = _load_vae(layout, device)
-    experts = _load_experts(layout, dit_dtype(dtype, convert_model_dtype), device, offload_model)
+    experts = _load_experts(layout, facts, dit_dtype(dtype, convert_model_dtype), device, offload_model, quantize)
     log.info("loaded %s (%s layout) from %s on %s", layout.spec.name, layout.kind, layout.root, device)
+    identity = checkpoint_identity(layout) | _quant_identity(dit_files, quantize, t5_quantize)
     return WanPipeline(layout.spec, text_encoder, vae, experts, device=device, options=options,
-                       checkpoint=checkpoint_identity(layout))
+                       checkpoint=identity)

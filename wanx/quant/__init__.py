@@ -1,12 +1,26 @@
-"""Quantized DiT and text-encoder weights, applied to a model from outside (module replacement).
+"""Quantized DiT and text-encoder weights: dequantize-on-use Linear layers, readers.
+
+Everything here acts on a model from outside (module replacement); the model code knows nothing
+of it. Reading GGUF files needs the ``gguf`` package (the ``quant`` extra).
 
 - :class:`QuantLinear` / :class:`QuantizedWeight`: a Linear whose weight stays encoded (int8,
   float8 or GGUF blocks with their scales) and is dequantized to the compute dtype per call;
-- :func:`quantize_model_`: weight-only int8 or fp8 of a model's block Linear layers.
+- :func:`load_quantized_dit`: a WanDiT from a GGUF ``wan`` file, a ComfyUI ``fp8_scaled`` /
+  ``comfy_quant`` file, a LightX2V int8/fp8 file, a quanto int8 file or a plain float8 file;
+- :func:`quantize_model_` / :func:`load_dit_quantizing`: weight-only int8 or fp8 on the fly.
 """
 
+from .dit import dit_file_config, load_dit_quantizing, load_quantized_dit
 from .linear import ON_THE_FLY_KINDS, QuantLinear, check_kind, quantize_model_, quantize_weight, stored_bytes
+from .readers import quantized_format
 from .tensor import QuantizedWeight
 
-__all__ = ["QuantLinear", "QuantizedWeight", "quantize_model_", "quantize_weight", "check_kind", "stored_bytes",
-           "ON_THE_FLY_KINDS"]
+
+def is_quantized_file(path) -> bool:
+    """True when ``path`` is a DiT file only the quantized loader reads (GGUF or encoded safetensors)."""
+    return quantized_format(path) != "float"
+
+
+__all__ = ["QuantLinear", "QuantizedWeight", "quantize_model_", "quantize_weight", "check_kind",
+           "load_quantized_dit", "load_dit_quantizing", "dit_file_config", "quantized_format",
+           "is_quantized_file", "stored_bytes", "ON_THE_FLY_KINDS"]

@@ -1,5 +1,5 @@
 """wanx.quant: GGUF block decoding, QuantLinear, quantized single-file DiTs through ``dit_files``,
-on-the-fly int8/fp8 of the DiT and umT5 and the refusals.
+on-the-fly int8/fp8 of the DiT and umT5, ``convert_quantized`` round trips and the refusals.
 
 The quantized test files are written here, per format, by small independent writers that follow
 each peer's layout (ComfyUI fp8_scaled / comfy_quant, LightX2V, quanto, ComfyUI-GGUF), from the
@@ -23,8 +23,8 @@ from wanx.loading.dit import load_dit, save_dit
 from wanx.loading.safe import CheckpointError
 from wanx.model import WanDiT
 from wanx.pipelines import describe_checkpoint
-from wanx.quant import (QuantLinear, load_quantized_dit, quantize_model_, quantize_weight, quantized_format,
-                        stored_bytes)
+from wanx.quant import (QuantLinear, convert_quantized, load_dit_quantizing, load_quantized_dit,
+                        quantize_model_, quantize_weight, quantized_format, stored_bytes)
 from wanx.quant import ggml
 from wanx.testing import build_tiny_checkpoint
 from wanx.text import UMT5Encoder
@@ -400,6 +400,59 @@ def test_bf16_compute_dtype(tiny):
     err = rel_err(out16, out32)
     print(f"int8 DiT computing in bf16 vs fp32: rel err {err:.2e}")
     assert err < 3e-2
+
+
+# ------------------------------------------------------------------------------------ convert
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_convert_round_trip_equals_on_the_fly(tiny, tmp_path, kind):
+    root, _ = tiny
+    src = root / EXPERTS[0]
+    dst = convert_quantized(src, tmp_path / f"high_{kind}.safetensors", kind)
+    assert quantized_format(dst) == "scaled"
+    loaded = load_quantized_dit(dst, torch.float32, num_heads=2).state_dict()
+    on_the_fly = quantize_model_(load_dit(src, dtype=torch.float32), kind).state_dict()
+    streamed = load_dit_quantizing(src, kind, torch.float32).state_dict()
+    assert loaded.keys() == on_the_fly.keys() == streamed.keys()
+    codes = "blocks.1.ffn.0.weight"
+    assert loaded[codes].dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn)
+    for k in loaded:  # codes, scales and every other tensor: the same bits
+        assert torch.equal(loaded[k].view(torch.uint8) if loaded[k].dtype.itemsize == 1 else loaded[k],
+                           on_the_fly[k].view(torch.uint8) if on_the_fly[k].dtype.itemsize == 1 else on_the_fly[k]), k
+        assert torch.equal(streamed[k].float(), on_the_fly[k].float()), k
+
+
+def test_convert_q8_0_writes_a_wan_gguf_file(tiny, tmp_path):
+    root, _ = tiny
+    src = root / EXPERTS[1]
+    dst = convert_quantized(src, tmp_path / "low.gguf", "q8_0")
+    reader = gguf.GGUFReader(str(dst))
+    arch = reader.get_field("general.architecture")
+    assert bytes(arch.parts[arch.data[0]]).decode() == "wan"
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blocks.0.self_attn.q.weight"] == Q.Q8_0 and types["patch_embedding.weight"] == Q.F32
+    model = load_quantized_dit(dst, torch.float32, num_heads=2)
+    source = load_dit(src).state_dict()
+    w = source["blocks.1.cross_attn.o.weight"].numpy()
+    expected = gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0)
+    assert np.array_equal(bits(model.blocks[1].cross_attn.o.weight.dequantized().numpy()), bits(expected))
+    assert torch.equal(model.patch_embedding.weight, source["patch_embedding.weight"])
+    assert torch.equal(model.blocks[0].modulation, source["blocks.0.modulation"])
+
+
+def test_convert_refusals(tiny, tmp_path):
+    root, _ = tiny
+    src = root / EXPERTS[0]
+    with pytest.raises(wanx.InputError, match="quantize must be one of int8, fp8, q8_0"):
+        convert_quantized(src, tmp_path / "x.safetensors", "q4_k")
+    with pytest.raises(wanx.InputError, match=r"a q8_0 file is written as \.gguf"):
+        convert_quantized(src, tmp_path / "x.safetensors", "q8_0")
+    dst = convert_quantized(src, tmp_path / "x.safetensors", "int8")
+    with pytest.raises(FileExistsError):
+        convert_quantized(src, dst, "int8")
+    assert convert_quantized(src, dst, "fp8", overwrite=True) == dst
+    with pytest.raises(wanx.InputError, match="is the source"):
+        convert_quantized(dst, dst, "int8", overwrite=True)
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -22,6 +22,7 @@ log = logging.getLogger("wanx")
 
 SOLVERS = ("unipc", "dpm++", "euler", "flow_euler")  # wanx.sampling.SAMPLERS; --help needs no torch
 RECIPES = ("lightning",)  # wanx.request.RECIPES
+QUANT = ("int8", "fp8")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("sdpa", "math", "flash2", "flash3", "sage")
 # Resolver argument -> the flag a CLI user typed, for error messages.
@@ -31,7 +32,8 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative_prompt", "image": 
          "seed": "--base_seed", "save_file": "--save_file", "device": "--device", "dtype": "--dtype",
          "threads": "--threads", "recipe": "--recipe", "timesteps": "--timesteps",
          "boundary_step": "--boundary_step", "cfg_first_steps": "--cfg_first_steps",
-         "cfg_first_scale": "--cfg_first_scale"}
+         "cfg_first_scale": "--cfg_first_scale", "quantize": "--quantize", "t5_quantize": "--t5_quantize",
+         "dit_files": "--dit_files"}
 
 
 def _bool(v: str) -> bool:
@@ -108,6 +110,11 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow_any_size", action="store_true",
                    help="accept sizes outside the task's official list (must still divide the stride)")
     p.add_argument("--attention", default=None, choices=ATTENTION, help=f"attention backend: {', '.join(ATTENTION)}")
+    p.add_argument("--dit_files", nargs="+", default=None, metavar="FILE",
+                   help="the DiT as single files (two-expert tasks: high-noise then low-noise): GGUF, fp8/int8 "
+                        "or plain safetensors; umT5, VAE and tokenizer from --ckpt_dir")
+    p.add_argument("--quantize", default=None, choices=QUANT, help="weight-only quantize the DiT while loading: int8, fp8")
+    p.add_argument("--t5_quantize", default=None, choices=QUANT, help="weight-only quantize the umT5 encoder: int8, fp8")
     p.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles to bound memory")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (slower first step, faster after; needs a C++ compiler on CPU)")
@@ -138,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     conv.add_argument("--num_heads", type=int, default=None,
                       help="dit single files: head count when the width is not a multiple of 128")
+    conv.add_argument("--quantize", default=None, choices=("int8", "fp8", "q8_0"),
+                      help="dit: write a quantized single file (int8/fp8 .safetensors, q8_0 .gguf)")
     return parser
 
 
@@ -172,7 +181,7 @@ def _resolve_generate(args):
         raise UsageError(f"task {args.task} is not runnable yet: {get_task(args.task).note}")
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)
-    layout, facts = describe_checkpoint(args.ckpt_dir, args.task)
+    layout, facts = describe_checkpoint(args.ckpt_dir, args.task, dit_files=args.dit_files)
     req = resolve_request(facts, prompt, args.negative_prompt or None, args.image, args.size, args.frame_num,
                           args.sample_steps, args.sample_shift, args.sample_guide_scale, args.boundary,
                           args.sample_solver, args.base_seed, allow_any_size=args.allow_any_size,
@@ -203,7 +212,8 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(layout.root, task=layout.spec.name, device=device, dtype=args.dtype,
                          offload_model=offload, t5_cpu=args.t5_cpu,
                          convert_model_dtype=args.convert_model_dtype, vae_tiling=args.vae_tiling,
-                         compile=args.compile)
+                         compile=args.compile, dit_files=args.dit_files, quantize=args.quantize,
+                         t5_quantize=args.t5_quantize)
     load_s = time.perf_counter() - t0
     with _logs_above_progress_bars():
         video = pipe.run(req, progress=sys.stderr.isatty() or None)
@@ -232,7 +242,13 @@ def cmd_convert(args) -> int:
         raise UsageError(f"src not found: {src}")
     if dst.exists() and (src.resolve() == dst.resolve() or os.path.samefile(src, dst)):
         raise UsageError(f"src and dst are the same path ({src}); converting in place would destroy the source")
-    if args.kind == "dit":
+    if args.quantize is not None:
+        if args.kind != "dit":
+            raise UsageError(f"--quantize converts a dit, not a {args.kind}")
+        from .quant import convert_quantized
+
+        convert_quantized(src, dst, args.quantize, overwrite=args.overwrite)
+    elif args.kind == "dit":
         from .loading.dit import load_dit, save_dit
 
         model = load_dit(src, num_heads=args.num_heads)

@@ -118,7 +118,7 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         tensors = load_weights_file(path)
         metadata = {} if path.suffix in PICKLE_SUFFIXES else _safetensors_metadata(path)
     except CheckpointError as e:
-        raise LoraError(f"cannot read LoRA file {path}: {e}") from None
+        raise LoraError(f"unusable LoRA file: {e}") from None  # the message names the file
     if not tensors:
         raise LoraError(f"LoRA file {path} holds no tensors")
     return LoraFile(path, tensors, metadata, sha256_of(path))
@@ -342,8 +342,11 @@ def normalise(lora: LoraFile, space: KeySpace) -> LoraContents:
         got[k.role] = (k.key, lora.tensors[k.key])
         resolved.setdefault(res.name, {})[k.role] = res.param
         paths[res.name] = k.path
-    for module, got in groups.items():
-        contents.entries += _build_module(module, got, resolved[module], peft, paths[module])
+    try:
+        for module, got in groups.items():
+            contents.entries += _build_module(module, got, resolved[module], peft, paths[module])
+    except LoraError as e:
+        raise LoraError(f"LoRA {lora.path.name}: {e}") from None
     return contents
 
 

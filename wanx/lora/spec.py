@@ -30,12 +30,12 @@ def parse_lora_arg(value: str, exists=os.path.isfile) -> tuple[str, float, str]:
         raise LoraError("--lora needs a file: PATH[:STRENGTH][@high|@low]")
     path, strength, expert = value, 1.0, "both"
     m = _EXPERT.search(path)
-    if m and m.start() > 0:
+    if m:
         path, expert = path[: m.start()], m.group(1).lower()
     head, sep, tail = path.rpartition(":")
     number = _number(tail) if sep else None
-    # "C:" alone is a drive, not a path with a strength; "C:\x" has no number after the colon.
-    if number is not None and head and not re.fullmatch(r"[A-Za-z]", head):
+    # "C:5" would be a drive-relative Windows path, not a path with a strength.
+    if number is not None and not re.fullmatch(r"[A-Za-z]", head):
         path, strength = head, number
     if (path, strength, expert) != (value, 1.0, "both") and exists(value):
         if exists(path):

@@ -1,0 +1,168 @@
+"""LoraStack behaviour: fuse == live, exact unload, stacking, expert selection, coverage reports,
+and bad files refused with a clear message before any weight changes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from wanx.lora import LoraError, LoraStack
+from wanx.model import WanDiT
+
+from helpers_lora import block_linears, comfy_sd, make_inputs, random_truth, randomize_, rel_err, run_wanx, tiny_cfg, write
+
+OUTSIDE = ["time_projection.1", "head.head", "text_embedding.0", "time_embedding.2", "patch_embedding"]
+
+
+def make_experts(cfg=None, dtype=torch.float32):
+    cfg = cfg or tiny_cfg()
+    experts = []
+    for seed in (1, 2):
+        m = WanDiT(cfg).eval()
+        randomize_(m, seed)
+        experts.append(m.to(dtype))
+    return tuple(experts)
+
+
+def snapshot(*models):
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+
+
+def assert_bit_identical(models, snap):
+    for m, s in zip(models, snap):
+        now = m.state_dict()
+        assert now.keys() == s.keys()
+        changed = [k for k in s if not torch.equal(now[k], s[k])]
+        assert not changed, f"weights changed: {changed[:5]}"
+
+
+def rich_lora(model, tmp_path, name="rich.safetensors", seed=3) -> tuple:
+    """Pairs on every block Linear and outside the blocks (conv included), plus full deltas."""
+    truth = random_truth(model, block_linears(model.cfg.num_layers) + OUTSIDE, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for p in ("blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias", "blocks.0.norm3.weight", "blocks.1.modulation",
+              "head.modulation", "blocks.0.cross_attn.norm_k.weight"):
+        truth.diffs[p] = 0.1 * torch.randn(model.get_parameter(p).shape, generator=g)
+    return truth, write(comfy_sd(truth), tmp_path / name)
+
+
+# ------------------------------------------------------------------------------------ modes
+
+def test_fuse_and_live_agree(tmp_path):
+    experts = make_experts()
+    _, path = rich_lora(experts[0], tmp_path)
+    inputs = make_inputs(experts[0].cfg)
+    base = [run_wanx(m, inputs) for m in experts]
+    outs = {}
+    for mode in ("fuse", "live"):
+        stack = LoraStack(experts)
+        report = stack.load(path, strength=(0.7, 1.3), mode=mode)
+        outs[mode] = [run_wanx(m, inputs) for m in experts]
+        stack.unload_all()
+        assert report.experts[0].layers_hooked == (20 if mode == "live" else 0)
+    for i, expert in enumerate(("high", "low")):
+        err = rel_err(outs["live"][i], outs["fuse"][i])
+        effect = rel_err(outs["fuse"][i], base[i])
+        print(f"{expert}: fuse vs live rel err {err:.2e} (LoRA effect {effect:.2e})")
+        assert effect > 1e-2 and err <= 1e-5
+
+
+def test_live_mode_with_autograd_matches_inference(tmp_path):
+    (model,) = make_experts()[:1]
+    _, path = rich_lora(model, tmp_path)
+    inputs = make_inputs(model.cfg)
+    stack = LoraStack((model,))
+    stack.load(path, mode="live")
+    no_grad = run_wanx(model, inputs)
+    x, t, ctx = inputs
+    with torch.enable_grad():
+        with_grad = model(x, t, ctx)
+    assert with_grad.requires_grad
+    err = rel_err(with_grad.detach(), no_grad)
+    print(f"live hook, grad vs no-grad: rel err {err:.2e}")
+    assert err <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("modes", [("fuse",), ("live",), ("fuse", "live", "fuse")])
+def test_unload_restores_exact_weights(tmp_path, dtype, modes):
+    experts = make_experts(dtype=dtype)
+    snap = snapshot(*experts)
+    stack = LoraStack(experts)
+    for i, mode in enumerate(modes):
+        _, path = rich_lora(experts[0], tmp_path, f"l{i}.safetensors", seed=10 + i)
+        stack.load(path, strength=0.9 + i, mode=mode)
+    assert any(not torch.equal(experts[0].state_dict()[k], v) for k, v in snap[0].items())
+    inputs = make_inputs(experts[0].cfg)
+    with_lora = run_wanx(experts[0], inputs)
+    stack.unload_all()
+    assert_bit_identical(experts, snap)
+    assert stack.applied == ()
+    # Hooks are gone too: the output is the base output again, bit for bit.
+    fresh = make_experts(dtype=dtype)[0]
+    assert torch.equal(run_wanx(experts[0], inputs), run_wanx(fresh, inputs))
+    assert not torch.equal(with_lora, run_wanx(fresh, inputs))
+
+
+@pytest.mark.parametrize("mode", ["fuse", "live"])
+def test_two_stacked_loras_are_their_sum(tmp_path, mode):
+    (model,) = make_experts()[:1]
+    inputs = make_inputs(model.cfg)
+    a, path_a = rich_lora(model, tmp_path, "a.safetensors", seed=3)
+    b, path_b = rich_lora(model, tmp_path, "b.safetensors", seed=4)
+    # The reference: one model whose weights get s_a * dA + s_b * dB added by hand.
+    manual = make_experts()[0]
+    with torch.no_grad():
+        for truth, s in ((a, 0.6), (b, -1.2)):
+            for m in truth.pairs:
+                manual.get_parameter(f"{m}.weight").add_(s * truth.dense(m))
+            for p, d in truth.diffs.items():
+                manual.get_parameter(p).add_(s * d)
+    stack = LoraStack((model,))
+    stack.load(path_a, strength=0.6, mode=mode)
+    stack.load(path_b, strength=-1.2, mode=mode)
+    err = rel_err(run_wanx(model, inputs), run_wanx(manual, inputs))
+    print(f"{mode}: two stacked LoRAs vs hand sum of deltas: rel err {err:.2e}")
+    assert err <= 1e-5
+    assert [r.name for r in stack.applied] == ["a.safetensors", "b.safetensors"]
+
+
+# ------------------------------------------------------------------------------------ experts
+
+def test_one_expert_only_and_records(tmp_path):
+    experts = make_experts()
+    snap = snapshot(*experts)
+    _, path = rich_lora(experts[0], tmp_path)
+    stack = LoraStack(experts)
+    report = stack.load(path, strength=0.5, expert="low", mode="live")
+    assert [c.expert for c in report.experts] == ["low"]
+    assert_bit_identical(experts[:1], snap[:1])
+    inputs = make_inputs(experts[0].cfg)
+    before_high = run_wanx(make_experts()[0], inputs)
+    assert torch.equal(run_wanx(experts[0], inputs), before_high)  # no hook on the high expert
+    (rec,) = stack.applied
+    assert rec.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert rec.to_dict() == {"name": "rich.safetensors", "sha256": rec.sha256, "strength": 0.5,
+                             "expert": "low", "mode": "live", "format": "lightx2v"}
+
+
+def test_single_expert_refuses_high_low(tmp_path):
+    (model,) = make_experts()[:1]
+    _, path = rich_lora(model, tmp_path)
+    with pytest.raises(LoraError, match="single expert"):
+        LoraStack((model,)).load(path, expert="high")
+    with pytest.raises(LoraError, match="two experts"):
+        LoraStack((model,)).load(path, strength=(1.0, 2.0))
+    with pytest.raises(LoraError, match="mode"):
+        LoraStack((model,)).load(path, mode="merge")
+
+
+def test_same_model_twice_is_patched_once(tmp_path):
+    (model,) = make_experts()[:1]
+    truth, path = rich_lora(model, tmp_path)
+    once = make_experts()[0]
+    LoraStack((once,)).load(path)
+    LoraStack((model, model)).load(path)
+    assert_bit_identical([model], snapshot(once))

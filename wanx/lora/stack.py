@@ -39,7 +39,8 @@ EXPERTS = ("both", "high", "low")
 _SHOW = 8  # how many keys an error or warning names
 
 
-def _names(keys, limit: int = _SHOW) -> str:
+def name_list(keys, limit: int = _SHOW) -> str:
+    """The first ``limit`` keys, comma separated, and how many more there are."""
     keys = list(keys)
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -115,9 +116,9 @@ class LoraReport:
             lines.append(f"  {c.expert}: strength {c.strength:g}, {c.modules} modules ({kinds}); "
                          f"{c.params_fused} parameters fused, {c.layers_hooked} layers hooked")
         if self.dropped:
-            lines.append(f"  dropped (module not in this model): {_names(self.dropped)}")
+            lines.append(f"  dropped (module not in this model): {name_list(self.dropped)}")
         if self.unknown:
-            lines.append(f"  skipped (not understood): {_names(self.unknown)}")
+            lines.append(f"  skipped (not understood): {name_list(self.unknown)}")
         return "\n".join(lines)
 
 
@@ -236,6 +237,35 @@ def _live_hook(layer: torch.nn.Module, entries: list[Entry], strength: float) ->
     return LiveDelta(pairs, None if dense is None else put(dense), None if bias is None else put(bias))
 
 
+def check_contents(lora: LoraFile, space: KeySpace, strict: bool = True) -> LoraContents:
+    """Normalise ``lora`` for a model with key space ``space`` and refuse what cannot be applied."""
+    contents = normalise(lora, space)
+    name = lora.path.name
+    if not contents.entries:
+        if contents.dropped:
+            raise LoraError(f"LoRA {name}: none of its modules exist in this model "
+                            f"(e.g. {name_list(contents.dropped, 4)}); is it made for Wan 2.1 I2V?")
+        raise LoraError(f"LoRA {name} is not a LoRA for a Wan diffusion transformer: no key names a Wan "
+                        f"module (a LoRA for another architecture, e.g. SDXL or Flux?). "
+                        f"Keys: {name_list(lora.tensors, 5)}")
+    if contents.out_of_range:
+        raise LoraError(f"LoRA {name} has keys for blocks this {space.num_layers}-block model does not have "
+                        f"(made for another model size?): {name_list(contents.out_of_range, 4)}")
+    if contents.unknown and strict:
+        reasons = Counter(contents.unknown.values())
+        raise LoraError(f"LoRA {name}: {len(contents.unknown)} keys are not understood "
+                        f"({'; '.join(f'{r}: {n}' for r, n in reasons.items())}): "
+                        f"{name_list(contents.unknown, 5)}. Pass strict=False to skip them.")
+    return contents
+
+
+def check_fit(lora: LoraFile, model: torch.nn.Module, strict: bool = True) -> LoraContents:
+    """Everything ``LoraStack.load`` checks for one model (it may live on the meta device)."""
+    contents = check_contents(lora, KeySpace.from_model(model), strict)
+    _check_shapes(model, contents.entries, f"LoRA {lora.path.name}")
+    return contents
+
+
 # ------------------------------------------------------------------------------------ the stack
 
 def _strengths(strength, expert: str, n_experts: int) -> dict[int, float]:
@@ -303,41 +333,19 @@ class LoraStack:
         lora = read_lora_file(path)
         plans, contents = [], None
         for i, s in targets.items():
-            contents = self._check(lora, i, strict)
+            contents = check_contents(lora, self._space(i), strict)
             plans.append(_plan(self.experts[i], contents, i, s, mode, f"LoRA {lora.path.name}"))
         self._apply(plans)
         if contents.dropped:
             log.warning("LoRA %s: dropped %d keys for modules this model does not have: %s",
-                        lora.path.name, len(contents.dropped), _names(contents.dropped))
+                        lora.path.name, len(contents.dropped), name_list(contents.dropped))
         if contents.unknown:
             log.warning("LoRA %s: skipped %d keys that are not understood: %s",
-                        lora.path.name, len(contents.unknown), _names(contents.unknown))
+                        lora.path.name, len(contents.unknown), name_list(contents.unknown))
         self._applied.append(AppliedLora(lora.path.name, str(lora.path), lora.sha256,
                                          tuple(strength) if isinstance(strength, list) else strength,
                                          expert, mode, contents.format))
         return self._report(lora, contents, plans, mode)
-
-    def _check(self, lora: LoraFile, index: int, strict: bool) -> LoraContents:
-        """Normalise ``lora`` for expert ``index`` and refuse what cannot be applied."""
-        contents = normalise(lora, self._space(index))
-        name = lora.path.name
-        if not contents.entries:
-            if contents.dropped:
-                raise LoraError(f"LoRA {name}: none of its modules exist in this model "
-                                f"(e.g. {_names(contents.dropped, 4)}); is it made for Wan 2.1 I2V?")
-            raise LoraError(f"LoRA {name} is not a LoRA for a Wan diffusion transformer: no key names a Wan "
-                            f"module (a LoRA for another architecture, e.g. SDXL or Flux?). "
-                            f"Keys: {_names(lora.tensors, 5)}")
-        if contents.out_of_range:
-            n = len(getattr(self.experts[index], "blocks", ()))
-            raise LoraError(f"LoRA {name} has keys for blocks this {n}-block model does not have "
-                            f"(made for another model size?): {_names(contents.out_of_range, 4)}")
-        if contents.unknown and strict:
-            reasons = Counter(contents.unknown.values())
-            raise LoraError(f"LoRA {name}: {len(contents.unknown)} keys are not understood "
-                            f"({'; '.join(f'{r}: {n}' for r, n in reasons.items())}): "
-                            f"{_names(contents.unknown, 5)}. Pass strict=False to skip them.")
-        return contents
 
     def _apply(self, plans: list[_ExpertPlan]) -> None:
         """Carry out checked plans; if anything fails midway, undo exactly what this call did."""

@@ -8,7 +8,11 @@ import hashlib
 import pytest
 import torch
 
+import torch.nn as nn
+import torch.nn.functional as F
+
 from wanx.lora import LoraError, LoraStack
+from wanx.lora.live import LiveLinear
 from wanx.model import WanDiT
 
 from helpers_lora import block_linears, comfy_sd, make_inputs, random_truth, randomize_, rel_err, run_wanx, tiny_cfg, write
@@ -50,7 +54,9 @@ def rich_lora(model, tmp_path, name="rich.safetensors", seed=3) -> tuple:
 
 # ------------------------------------------------------------------------------------ modes
 
-def test_fuse_and_live_agree(tmp_path):
+@pytest.mark.parametrize("policy", ["auto", "low_rank", "merged"])
+def test_fuse_and_live_agree(tmp_path, monkeypatch, policy):
+    monkeypatch.setattr(LiveLinear, "policy", policy)
     experts = make_experts()
     _, path = rich_lora(experts[0], tmp_path)
     inputs = make_inputs(experts[0].cfg)
@@ -61,11 +67,11 @@ def test_fuse_and_live_agree(tmp_path):
         report = stack.load(path, strength=(0.7, 1.3), mode=mode)
         outs[mode] = [run_wanx(m, inputs) for m in experts]
         stack.unload_all()
-        assert report.experts[0].layers_hooked == (20 if mode == "live" else 0)
+        assert report.experts[0].layers_live == (20 if mode == "live" else 0)
     for i, expert in enumerate(("high", "low")):
         err = rel_err(outs["live"][i], outs["fuse"][i])
         effect = rel_err(outs["fuse"][i], base[i])
-        print(f"{expert}: fuse vs live rel err {err:.2e} (LoRA effect {effect:.2e})")
+        print(f"{expert}, live path {policy}: fuse vs live rel err {err:.2e} (LoRA effect {effect:.2e})")
         assert effect > 1e-2 and err <= 1e-5
 
 
@@ -81,7 +87,7 @@ def test_live_mode_with_autograd_matches_inference(tmp_path):
         with_grad = model(x, t, ctx)
     assert with_grad.requires_grad
     err = rel_err(with_grad.detach(), no_grad)
-    print(f"live hook, grad vs no-grad: rel err {err:.2e}")
+    print(f"live, grad vs no-grad: rel err {err:.2e}")
     assert err <= 1e-6
 
 
@@ -141,7 +147,7 @@ def test_one_expert_only_and_records(tmp_path):
     assert_bit_identical(experts[:1], snap[:1])
     inputs = make_inputs(experts[0].cfg)
     before_high = run_wanx(make_experts()[0], inputs)
-    assert torch.equal(run_wanx(experts[0], inputs), before_high)  # no hook on the high expert
+    assert torch.equal(run_wanx(experts[0], inputs), before_high)  # nothing live on the high expert
     (rec,) = stack.applied
     assert rec.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert rec.to_dict() == {"name": "rich.safetensors", "sha256": rec.sha256, "strength": 0.5,
@@ -166,3 +172,50 @@ def test_same_model_twice_is_patched_once(tmp_path):
     LoraStack((once,)).load(path)
     LoraStack((model, model)).load(path)
     assert_bit_identical([model], snapshot(once))
+
+
+def test_live_chooses_the_cheaper_formula():
+    layer = LiveLinear(nn.Linear(64, 128))
+    assert not layer._merges(42) and layer._merges(43)  # N (64 + 128) > 64 * 128 from N = 43
+    layer.layer.weight = nn.Parameter(layer.layer.weight.detach().to(torch.int8), requires_grad=False)
+    assert not layer._merges(10_000)  # never merge into a non-float (quantized) weight
+
+
+class Int8Linear(nn.Module):
+    """A stand-in for a quantized layer: int8 weight, per-row scale, dequantized on the fly."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        scale = linear.weight.detach().abs().amax(dim=1, keepdim=True) / 127
+        self.weight = nn.Parameter((linear.weight.detach() / scale).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight.float() * self.scale, self.bias)
+
+
+def test_live_on_a_quantized_layer(tmp_path):
+    # Layers whose input dtype dit.py does not take from their own weight (it casts the FFN input
+    # to ffn.0's dtype and the attention input to q's).
+    names = ("blocks.0.ffn.2", "blocks.1.self_attn.v")
+    quantized, reference = make_experts()
+    reference.load_state_dict(quantized.state_dict())
+    for name in names:
+        parent, child = name.rsplit(".", 1)
+        q = Int8Linear(quantized.get_submodule(name))
+        setattr(quantized.get_submodule(parent), child, q)  # also right for Sequential's "2"
+        with torch.no_grad():  # the float twin holds exactly the dequantized weight
+            reference.get_parameter(f"{name}.weight").copy_(q.weight.float() * q.scale)
+    _, path = rich_lora(reference, tmp_path)
+    snap = snapshot(quantized)
+    with pytest.raises(LoraError, match="cannot fuse into the torch.int8 parameter .*use mode='live'"):
+        LoraStack((quantized,)).load(path, mode="fuse")
+    assert_bit_identical([quantized], snap)
+    LoraStack((quantized,)).load(path, mode="live")
+    LoraStack((reference,)).load(path, mode="fuse")
+    inputs = make_inputs(reference.cfg)
+    err = rel_err(run_wanx(quantized, inputs), run_wanx(reference, inputs))
+    print(f"live LoRA on int8 layers vs fused on their float twin: rel err {err:.2e}")
+    assert err <= 1e-5
+    assert torch.equal(quantized.get_parameter("blocks.0.ffn.2.weight"), snap[0]["blocks.0.ffn.2.weight"])

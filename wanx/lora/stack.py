@@ -5,10 +5,11 @@ or both experts, each with its own strength, in one of two modes:
 
 - ``fuse``: the delta is computed in float32, added to the weight and cast back. The first time
   a parameter is touched a copy of it is kept (on the CPU), so ``unload_all`` restores it bit for bit.
-- ``live``: the weights stay as they are; a forward hook on each Linear layer of the blocks adds
-  ``s * up @ (down @ x)`` to its output (needed for quantized weights, and to switch LoRAs without
-  a reload). Parameters that are not the weight/bias of a block Linear (embeddings, head, norms,
-  modulation: small and kept in float) are fused even in live mode, and restored the same way.
+- ``live``: the weights stay as they are; each Linear layer of the blocks gets a replacement
+  ``forward`` (:mod:`wanx.lora.live`) computing ``W x + s * up @ (down @ x)`` (needed for quantized
+  weights, and to change LoRAs or strengths without touching the weights). Parameters that are not
+  the weight/bias of a block Linear (embeddings, head, norms, modulation: small and kept in float)
+  are fused even in live mode, and restored the same way.
 
 Everything a file asks for is checked against every selected expert (names, shapes, dtypes)
 before the first weight changes; a failure while applying restores what that load had changed.
@@ -25,10 +26,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .entries import Entry, FullDelta, LowRank
 from .errors import LoraError
+from .live import LiveDelta, LiveLinear
 from .names import KeySpace
 from .reader import LoraContents, LoraFile, normalise, read_lora_file, summarize_ranks
 
@@ -92,7 +93,7 @@ class ExpertCoverage:
     strength: float
     modules: int  # LoRA modules found in this expert
     params_fused: int  # parameters changed in place
-    layers_hooked: int  # Linear layers given a live forward hook
+    layers_live: int  # Linear layers given a live (unmerged) forward
     by_kind: dict[str, int] = field(default_factory=dict)  # modules per category (self_attn, ffn, ...)
 
 
@@ -114,7 +115,7 @@ class LoraReport:
         for c in self.experts:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(c.by_kind.items()))
             lines.append(f"  {c.expert}: strength {c.strength:g}, {c.modules} modules ({kinds}); "
-                         f"{c.params_fused} parameters fused, {c.layers_hooked} layers hooked")
+                         f"{c.params_fused} parameters fused, {c.layers_live} layers live")
         if self.dropped:
             lines.append(f"  dropped (module not in this model): {name_list(self.dropped)}")
         if self.unknown:
@@ -122,62 +123,21 @@ class LoraReport:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------ live hooks
-
-class LiveDelta:
-    """Forward hook that adds one LoRA's unmerged contribution to a Linear layer's output.
-
-    ``pairs``: (down ``[r, in]``, up ``[out, r]``) with strength x scale folded into ``up``;
-    ``dense``: a full ``[out, in]`` delta (LoHa, LoKr, ``.diff``); ``bias``: ``[out]``.
-    """
-
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], dense: torch.Tensor | None,
-                 bias: torch.Tensor | None):
-        self.pairs, self.dense, self.bias = pairs, dense, bias
-
-    def _follow(self, x: torch.Tensor) -> None:
-        """Move the factors to the input's device/dtype once (offloading may have moved the layer)."""
-        ref = self.pairs[0][0] if self.pairs else (self.dense if self.dense is not None else self.bias)
-        if ref.device == x.device and ref.dtype == x.dtype:
-            return
-        move = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
-        self.pairs = [(move(d), move(u)) for d, u in self.pairs]
-        self.dense, self.bias = move(self.dense), move(self.bias)
-
-    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        self._follow(x)
-        flat = x.reshape(-1, x.shape[-1])  # [N, in]
-        if torch.is_grad_enabled():  # keep autograd's view of the output intact
-            extra = sum(F.linear(F.linear(x, d), u) for d, u in self.pairs) if self.pairs else 0
-            if self.dense is not None:
-                extra = extra + F.linear(x, self.dense)
-            return output + extra + (0 if self.bias is None else self.bias)
-        out = output.view(-1, output.shape[-1])  # [N, out]; a Linear's fresh output, safe to add into
-        for down, up in self.pairs:
-            out.addmm_(flat @ down.t(), up.t())  # [N, r] @ [r, out]
-        if self.dense is not None:
-            out.addmm_(flat, self.dense.t())
-        if self.bias is not None:
-            out.add_(self.bias)
-        return output
-
-
 # ------------------------------------------------------------------------------------ planning
 
 @dataclass
 class _ExpertPlan:
-    """What one load will do to one expert: parameters to fuse, Linear layers to hook."""
+    """What one load will do to one expert: parameters to fuse, Linear layers to run live."""
 
     index: int
     strength: float
     fuse: dict[str, list[Entry]] = field(default_factory=dict)  # parameter -> entries
-    hook: dict[str, list[Entry]] = field(default_factory=dict)  # module -> entries
+    live: dict[str, list[Entry]] = field(default_factory=dict)  # module -> entries
     modules: set[str] = field(default_factory=set)
 
 
-def _hookable(model: torch.nn.Module, entry: Entry) -> bool:
-    """Live mode can hook the weight/bias of a Linear layer inside the blocks (called via forward)."""
+def _runs_live(model: torch.nn.Module, entry: Entry) -> bool:
+    """Live mode covers the weight/bias of the Linear layers inside the blocks (called via forward)."""
     if not entry.module.startswith("blocks."):
         return False
     layer = model.get_submodule(entry.module)
@@ -208,8 +168,8 @@ def _plan(model: torch.nn.Module, contents: LoraContents, index: int, strength: 
     plan = _ExpertPlan(index, strength)
     for e in contents.entries:
         plan.modules.add(owner_of(e.param))
-        if mode == "live" and _hookable(model, e):
-            plan.hook.setdefault(e.module, []).append(e)
+        if mode == "live" and _runs_live(model, e):
+            plan.live.setdefault(e.module, []).append(e)
             continue
         p = model.get_parameter(e.param)
         if not p.is_floating_point():
@@ -219,22 +179,21 @@ def _plan(model: torch.nn.Module, contents: LoraContents, index: int, strength: 
     return plan
 
 
-def _live_hook(layer: torch.nn.Module, entries: list[Entry], strength: float) -> LiveDelta:
-    weight = layer.weight
-    dtype = weight.dtype if weight.is_floating_point() else torch.float32
-    put = lambda t: t.to(device=weight.device, dtype=dtype)  # noqa: E731
+def _live_delta(layer: torch.nn.Module, entries: list[Entry], strength: float) -> LiveDelta:
+    """One LoRA's float32 factors for ``layer``, strength and scale folded in."""
+    device = layer.weight.device
     pairs, dense, bias = [], None, None
     for e in entries:
         if isinstance(e, LowRank):
-            up = e.up.to(device=weight.device, dtype=torch.float32) * (strength * e.scale)
-            pairs.append((put(e.down), put(up)))
+            up = e.up.to(device=device, dtype=torch.float32) * (strength * e.scale)
+            pairs.append((e.down.to(device=device, dtype=torch.float32), up))
         elif e.param.endswith(".bias"):
-            d = e.delta(weight.device) * strength
+            d = e.delta(device).mul_(strength)
             bias = d if bias is None else bias + d
         else:
-            d = e.delta(weight.device) * strength
+            d = e.delta(device).mul_(strength)
             dense = d if dense is None else dense + d
-    return LiveDelta(pairs, None if dense is None else put(dense), None if bias is None else put(bias))
+    return LiveDelta(pairs, dense, bias)
 
 
 def check_contents(lora: LoraFile, space: KeySpace, strict: bool = True) -> LoraContents:
@@ -297,7 +256,7 @@ class LoraStack:
             raise LoraError(f"LoraStack takes one or two experts, got {len(self.experts)}")
         self.expert_names = ("high", "low") if len(self.experts) == 2 else ("model",)
         self._originals: list[dict[str, torch.Tensor]] = [{} for _ in self.experts]
-        self._hooks: list = []
+        self._live: dict[int, LiveLinear] = {}  # id(layer) -> its live wrapper
         self._applied: list[AppliedLora] = []
         self._spaces: dict[int, KeySpace] = {}
 
@@ -350,24 +309,36 @@ class LoraStack:
     def _apply(self, plans: list[_ExpertPlan]) -> None:
         """Carry out checked plans; if anything fails midway, undo exactly what this call did."""
         undo: list[tuple[int, str, torch.Tensor | None]] = []  # (expert, param, value before; None: original)
-        hooks: list = []
+        added: list[tuple[LiveLinear, LiveDelta]] = []
         try:
             for plan in plans:
                 model = self.experts[plan.index]
                 for param, entries in plan.fuse.items():
                     undo.append(self._fuse_param(plan.index, model, param, entries, plan.strength))
-                for module, entries in plan.hook.items():
+                for module, entries in plan.live.items():
                     layer = model.get_submodule(module)
-                    hooks.append(layer.register_forward_hook(_live_hook(layer, entries, plan.strength)))
+                    delta = _live_delta(layer, entries, plan.strength)
+                    added.append((self._live_linear(layer), delta))
+                    added[-1][0].deltas.append(delta)
         except BaseException:
-            for h in hooks:
-                h.remove()
+            for wrapper, delta in reversed(added):
+                wrapper.deltas = [d for d in wrapper.deltas if d is not delta]
+                if not wrapper.deltas:
+                    wrapper.uninstall()
+                    self._live.pop(id(wrapper.layer), None)
             for index, param, before in reversed(undo):
                 p = self.experts[index].get_parameter(param)
                 with torch.no_grad():
                     p.copy_(self._originals[index].pop(param) if before is None else before)
             raise
-        self._hooks += hooks
+
+    def _live_linear(self, layer: torch.nn.Module) -> LiveLinear:
+        """The layer's live wrapper, installed on first use."""
+        if id(layer) not in self._live:
+            wrapper = LiveLinear(layer)
+            wrapper.install()
+            self._live[id(layer)] = wrapper
+        return self._live[id(layer)]
 
     def _fuse_param(self, index: int, model: torch.nn.Module, param: str, entries: list[Entry],
                     strength: float) -> tuple[int, str, torch.Tensor | None]:
@@ -391,10 +362,10 @@ class LoraStack:
         return index, param, before
 
     def unload_all(self) -> None:
-        """Remove every LoRA: hooks off, every fused parameter back to its original bits."""
-        for h in reversed(self._hooks):
-            h.remove()
-        self._hooks.clear()
+        """Remove every LoRA: live wrappers off, every fused parameter back to its original bits."""
+        for wrapper in self._live.values():
+            wrapper.uninstall()
+        self._live.clear()
         for index, originals in enumerate(self._originals):
             model = self.experts[index]
             with torch.no_grad():
@@ -408,7 +379,7 @@ class LoraStack:
         for plan in plans:
             kinds = Counter(module_kind(m) for m in plan.modules)
             coverage.append(ExpertCoverage(self.expert_names[plan.index], plan.strength, len(plan.modules),
-                                           len(plan.fuse), len(plan.hook), dict(kinds)))
+                                           len(plan.fuse), len(plan.live), dict(kinds)))
         return LoraReport(lora.path.name, lora.sha256, contents.format, mode,
                           dict(sorted(summarize_ranks(contents.entries).items())), coverage,
                           list(contents.dropped), dict(contents.unknown))

@@ -115,6 +115,46 @@ def block_linears(num_layers: int) -> list[str]:
     return [f"blocks.{i}.{n}" for i in range(num_layers) for n in BLOCK_LINEARS]
 
 
+# ------------------------------------------------------------------------------------ wanx-only checks
+
+RICH_OUTSIDE = ["time_projection.1", "head.head", "text_embedding.0", "time_embedding.2", "patch_embedding"]
+
+
+def make_experts(cfg=None, dtype=torch.float32):
+    """Two tiny WanDiTs (high, low) with different random weights, the same on every call."""
+    cfg = cfg or tiny_cfg()
+    experts = []
+    for seed in (1, 2):
+        m = WanDiT(cfg).eval()
+        randomize_(m, seed)
+        experts.append(m.to(dtype))
+    return tuple(experts)
+
+
+def snapshot(*models):
+    """Copies of every tensor of each model, to check later that nothing changed."""
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+
+
+def assert_bit_identical(models, snap):
+    """Every tensor of each model equals its snapshot bit for bit."""
+    for m, s in zip(models, snap):
+        now = m.state_dict()
+        assert now.keys() == s.keys()
+        changed = [k for k in s if not torch.equal(now[k], s[k])]
+        assert not changed, f"weights changed: {changed[:5]}"
+
+
+def rich_lora(model, tmp_path, name="rich.safetensors", seed=3) -> tuple:
+    """Pairs on every block Linear and outside the blocks (conv included), plus full deltas."""
+    truth = random_truth(model, block_linears(model.cfg.num_layers) + RICH_OUTSIDE, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for p in ("blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias", "blocks.0.norm3.weight", "blocks.1.modulation",
+              "head.modulation", "blocks.0.cross_attn.norm_k.weight"):
+        truth.diffs[p] = 0.1 * torch.randn(model.get_parameter(p).shape, generator=g)
+    return truth, write(comfy_sd(truth), tmp_path / name)
+
+
 # ------------------------------------------------------------------------------------ writers
 
 def _alpha(v: float) -> torch.Tensor:
@@ -136,7 +176,7 @@ def comfy_sd(truth: Truth, prefix: str = "diffusion_model.", down: str = "lora_d
 
 
 def lightx2v_name(param: str) -> str:
-    """LightX2V's extractor naming: ``.weight`` -> ``.diff``, ``.bias`` -> ``.diff_b``, ``.modulation`` -> ``.diff_m``."""
+    """LightX2V extractor names: ``.weight`` -> ``.diff``, ``.bias`` -> ``.diff_b``, ``.modulation`` -> ``.diff_m``."""
     for src, dst in ((".weight", ".diff"), (".bias", ".diff_b"), (".modulation", ".diff_m")):
         if param.endswith(src):
             return param[: -len(src)] + dst

@@ -13,44 +13,9 @@ import torch.nn.functional as F
 
 from wanx.lora import LoraError, LoraStack
 from wanx.lora.live import LiveLinear
-from wanx.model import WanDiT
 
-from helpers_lora import block_linears, comfy_sd, make_inputs, random_truth, randomize_, rel_err, run_wanx, tiny_cfg, write
-
-OUTSIDE = ["time_projection.1", "head.head", "text_embedding.0", "time_embedding.2", "patch_embedding"]
-
-
-def make_experts(cfg=None, dtype=torch.float32):
-    cfg = cfg or tiny_cfg()
-    experts = []
-    for seed in (1, 2):
-        m = WanDiT(cfg).eval()
-        randomize_(m, seed)
-        experts.append(m.to(dtype))
-    return tuple(experts)
-
-
-def snapshot(*models):
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
-
-
-def assert_bit_identical(models, snap):
-    for m, s in zip(models, snap):
-        now = m.state_dict()
-        assert now.keys() == s.keys()
-        changed = [k for k in s if not torch.equal(now[k], s[k])]
-        assert not changed, f"weights changed: {changed[:5]}"
-
-
-def rich_lora(model, tmp_path, name="rich.safetensors", seed=3) -> tuple:
-    """Pairs on every block Linear and outside the blocks (conv included), plus full deltas."""
-    truth = random_truth(model, block_linears(model.cfg.num_layers) + OUTSIDE, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    for p in ("blocks.0.self_attn.q.bias", "blocks.1.ffn.0.bias", "blocks.0.norm3.weight", "blocks.1.modulation",
-              "head.modulation", "blocks.0.cross_attn.norm_k.weight"):
-        truth.diffs[p] = 0.1 * torch.randn(model.get_parameter(p).shape, generator=g)
-    return truth, write(comfy_sd(truth), tmp_path / name)
-
+from helpers_lora import (assert_bit_identical, make_experts, make_inputs, rel_err, rich_lora, run_wanx,
+                          snapshot, write)
 
 # ------------------------------------------------------------------------------------ modes
 
@@ -133,6 +98,29 @@ def test_two_stacked_loras_are_their_sum(tmp_path, mode):
     print(f"{mode}: two stacked LoRAs vs hand sum of deltas: rel err {err:.2e}")
     assert err <= 1e-5
     assert [r.name for r in stack.applied] == ["a.safetensors", "b.safetensors"]
+
+
+@pytest.mark.parametrize("policy", ["merged", "low_rank"])
+def test_live_bias_only_delta_leaves_weights_alone(tmp_path, monkeypatch, policy):
+    """A live LoRA that only shifts a bias, stacked under one with pairs on the same layers."""
+    monkeypatch.setattr(LiveLinear, "policy", policy)
+    live, fused = make_experts()[0], make_experts()[0]
+    g = torch.Generator().manual_seed(9)
+    biases = {f"diffusion_model.blocks.{i}.ffn.{j}.diff_b":
+              0.1 * torch.randn(live.blocks[i].ffn[j].bias.shape, generator=g) for i in range(2) for j in (0, 2)}
+    first = write(biases, tmp_path / "biases.safetensors")
+    _, second = rich_lora(live, tmp_path)
+    snap = snapshot(live)
+    for model, mode in ((live, "live"), (fused, "fuse")):
+        stack = LoraStack((model,))
+        stack.load(first, strength=0.7, mode=mode)
+        stack.load(second, strength=1.1, mode=mode)
+    inputs = make_inputs(live.cfg)
+    err = rel_err(run_wanx(live, inputs), run_wanx(fused, inputs))
+    print(f"bias-only + pair LoRAs, live ({policy}) vs fuse: rel err {err:.2e}")
+    assert err <= 1e-5
+    block_weights = [k for k in snap[0] if k.startswith("blocks.") and ".ffn." in k]
+    assert all(torch.equal(live.state_dict()[k], snap[0][k]) for k in block_weights)
 
 
 # ------------------------------------------------------------------------------------ experts

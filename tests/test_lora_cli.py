@@ -13,9 +13,9 @@ from wanx.lora import LoraError, LoraStack
 from wanx.lora.cli import CONVERT_TARGETS, add_lora_inspect_parser, cmd_convert_lora, cmd_lora_inspect
 from wanx.testing import build_tiny_checkpoint
 
-from helpers_lora import (block_linears, comfy_sd, diffusers_load, diffusers_model, kohya_sd, make_inputs,
-                          random_truth, rel_err, run_diffusers, run_wanx, tiny_cfg, wanx_from_diffusers, write)
-from test_lora_apply import make_experts, rich_lora
+from helpers_lora import (block_linears, comfy_sd, diffusers_load, diffusers_model, kohya_sd, make_experts,
+                          make_inputs, random_truth, rel_err, rich_lora, run_diffusers, run_wanx, tiny_cfg,
+                          wanx_from_diffusers, write)
 
 
 def inspect(path, ckpt_dir=None) -> int:

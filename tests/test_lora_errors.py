@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from wanx.lora import LoraError, LoraStack, parse_lora_arg
 from wanx.lora import stack as stack_module
 
-from helpers_lora import block_linears, comfy_sd, kohya_sd, random_truth, tiny_cfg, write
-from test_lora_apply import assert_bit_identical, make_experts, rich_lora, snapshot
+from helpers_lora import (assert_bit_identical, block_linears, comfy_sd, kohya_sd, make_experts, random_truth,
+                          rich_lora, snapshot, tiny_cfg, write)
 
 
 def refused(experts, path, match, **kw):
@@ -47,7 +47,7 @@ def test_report_counts_and_drops_wan21_image_keys(tmp_path, caplog):
     print(report.summary())
     assert [c.expert for c in report.experts] == ["high", "low"]
     for c in report.experts:
-        assert c.modules == 20 and c.params_fused == 20 and c.layers_hooked == 0
+        assert c.modules == 20 and c.params_fused == 20 and c.layers_live == 0
         assert c.by_kind == {"self_attn": 8, "cross_attn": 8, "ffn": 4}
     assert sorted(report.dropped) == sorted(extra)
     assert report.ranks == {4: 20} and report.unknown == {}

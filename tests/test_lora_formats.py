@@ -75,7 +75,8 @@ def _peft_file(base, tmp_path, prefixed: bool):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if name.endswith("bias") else 0.3 / p[0].numel() ** 0.5))
+                gain = 0.05 if name.endswith("bias") else 0.3 / p[0].numel() ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * gain)
     state = get_peft_model_state_dict(model)
     if prefixed:
         WanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=state,

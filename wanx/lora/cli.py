@@ -62,12 +62,14 @@ def _describe(lora: LoraFile, contents: LoraContents) -> list[str]:
              "alpha:    " + (", ".join(f"{a:g} x{n}" for a, n in sorted(alphas.items())) or "none stored (scale 1)"),
              "targets:  " + ", ".join(f"{k} {n}" for k, n in sorted(targets.items()))]
     if blocks:
-        lines.append(f"blocks:   {blocks[0]}-{blocks[-1]} ({len(blocks)} blocks; needs a model with >= {blocks[-1] + 1})")
+        lines.append(f"blocks:   {blocks[0]}-{blocks[-1]} ({len(blocks)} blocks; "
+                     f"needs a model with >= {blocks[-1] + 1})")
     deltas = [e.param for e in entries if isinstance(e, FullDelta)]
     if deltas:
         lines.append(f"deltas:   {len(deltas)} whole-tensor deltas, e.g. {name_list(deltas, 4)}")
     if contents.dropped:
-        lines.append(f"dropped:  {len(contents.dropped)} keys for modules Wan 2.2 lacks: {name_list(contents.dropped, 4)}")
+        lines.append(f"dropped:  {len(contents.dropped)} keys for modules Wan 2.2 lacks: "
+                     f"{name_list(contents.dropped, 4)}")
     if contents.unknown:
         lines.append(f"unknown:  {len(contents.unknown)} keys not understood: {name_list(contents.unknown, 4)}")
     lines.append(f"made for: {_made_for(lora)}")

@@ -27,7 +27,7 @@ TARGETS = ("diffusers", "comfy", "official")
 
 
 def _diff_name(param: str) -> str:
-    """LightX2V's delta names: ``M.weight`` -> ``M.diff``, ``M.bias`` -> ``M.diff_b``, ``M.modulation`` -> ``M.diff_m``."""
+    """LightX2V's delta names: ``M.weight`` -> ``M.diff``, ``.bias`` -> ``.diff_b``, ``.modulation`` -> ``.diff_m``."""
     for suffix, new in ((".weight", ".diff"), (".bias", ".diff_b"), (".modulation", ".diff_m")):
         if param.endswith(suffix):
             return param[: -len(suffix)] + new

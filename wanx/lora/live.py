@@ -8,6 +8,7 @@ formulas for ``y = W x + b + sum_i (B_i (A_i x) + D_i x + c_i)`` (strengths fold
 - merged on the fly: one ``x (W + B A)^T`` with the sum built in float32 and cast to W's dtype
   (rounded once, as ``fuse`` does): ``r in out`` extra multiply-adds, whatever N.
 
+The merged weight is built in a work buffer shared by the stack's layers (see WorkBuffers).
 Merging wins once ``N (in + out) > in out`` (about 770 rows at width 1536, 2560 at 5120; a video
 has thousands to tens of thousands), low rank wins on short inputs (cross-attention k/v on the
 text rows). Weights that are not floating point (quantized layers) always take the low-rank path.
@@ -73,14 +74,37 @@ class LiveDelta:
         return out
 
 
+class WorkBuffers:
+    """Weight-sized work space shared by the live layers of one model set (they run one at a time).
+
+    Building ``W + B A`` into a fresh tensor on every call would cost a large allocation per layer
+    per step (on the CPU, fresh pages from the kernel each time); one buffer per (device, dtype),
+    grown to the largest layer, is reused instead and dropped when the LoRAs are unloaded.
+    """
+
+    def __init__(self):
+        self._bufs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def get(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
+        n = shape.numel()
+        buf = self._bufs.get((device, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[(device, dtype)] = torch.empty(n, device=device, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
 class LiveLinear:
     """The replacement ``forward`` of one Linear layer while LoRAs are live on it."""
 
     # "auto" picks by cost; tests and benchmarks may force "low_rank" or "merged".
     policy = "auto"
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, buffers: WorkBuffers | None = None):
         self.layer = layer
+        self.buffers = buffers or WorkBuffers()
         self.deltas: list[LiveDelta] = []
         self.had_own_forward = "forward" in layer.__dict__
         self.previous = layer.forward
@@ -109,13 +133,17 @@ class LiveLinear:
         w, b = self.layer.weight, self.layer.bias
         bias32 = self._bias_delta(x.device)
         if self._merges(x.numel() // x.shape[-1]):
-            w32 = w.float()  # parity: one fp32 sum, rounded once to w's dtype, as fuse does
-            w32 = w32.clone() if w32 is w else w32
+            # parity: one fp32 sum, rounded once to w's dtype, as fuse does. Autograd keeps the
+            # weight for the backward pass, so a recorded forward gets its own tensors.
+            shared = not torch.is_grad_enabled()
+            w32 = self.buffers.get(w.shape, w.device, torch.float32).copy_(w) if shared else w.float().clone()
             for d in self.deltas:
                 d.add_to_weight(w32)
+            if w.dtype != torch.float32:
+                w32 = self.buffers.get(w.shape, w.device, w.dtype).copy_(w32) if shared else w32.to(w.dtype)
             if bias32 is not None:
                 b = bias32.to(w.dtype) if b is None else (b.float() + bias32).to(b.dtype)
-            return F.linear(x, w32.to(w.dtype), b)
+            return F.linear(x, w32, b)
         out = self.previous(x)
         shape = out.shape
         flat_out = out.reshape(-1, shape[-1])  # [N, out]

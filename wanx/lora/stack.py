@@ -29,7 +29,7 @@ import torch
 
 from .entries import Entry, FullDelta, LowRank
 from .errors import LoraError
-from .live import LiveDelta, LiveLinear
+from .live import LiveDelta, LiveLinear, WorkBuffers
 from .names import KeySpace
 from .reader import LoraContents, LoraFile, normalise, read_lora_file, summarize_ranks
 
@@ -257,6 +257,8 @@ class LoraStack:
         self.expert_names = ("high", "low") if len(self.experts) == 2 else ("model",)
         self._originals: list[dict[str, torch.Tensor]] = [{} for _ in self.experts]
         self._live: dict[int, LiveLinear] = {}  # id(layer) -> its live wrapper
+        self._fuse_buffers = WorkBuffers()  # fp32 work space while fusing
+        self._live_buffers = WorkBuffers()  # shared by the live layers of all experts
         self._applied: list[AppliedLora] = []
         self._spaces: dict[int, KeySpace] = {}
 
@@ -321,6 +323,7 @@ class LoraStack:
                     added.append((self._live_linear(layer), delta))
                     added[-1][0].deltas.append(delta)
         except BaseException:
+            self._fuse_buffers.clear()
             for wrapper, delta in reversed(added):
                 wrapper.deltas = [d for d in wrapper.deltas if d is not delta]
                 if not wrapper.deltas:
@@ -331,11 +334,12 @@ class LoraStack:
                 with torch.no_grad():
                     p.copy_(self._originals[index].pop(param) if before is None else before)
             raise
+        self._fuse_buffers.clear()
 
     def _live_linear(self, layer: torch.nn.Module) -> LiveLinear:
         """The layer's live wrapper, installed on first use."""
         if id(layer) not in self._live:
-            wrapper = LiveLinear(layer)
+            wrapper = LiveLinear(layer, self._live_buffers)
             wrapper.install()
             self._live[id(layer)] = wrapper
         return self._live[id(layer)]
@@ -351,14 +355,19 @@ class LoraStack:
             # parity: the untouched tensor itself, so unload_all is bit-exact (on the CPU: no GPU memory).
             originals[param] = p.detach().to("cpu", copy=True)
             before = None
-        delta = entries[0].delta(p.device)
-        for e in entries[1:]:
-            delta += e.delta(p.device)
         with torch.no_grad():
-            if p.dtype == torch.float32:
-                p.add_(delta, alpha=strength)
-            else:
-                p.copy_(p.float().add_(delta, alpha=strength).to(p.dtype))
+            # The fp32 sum, rounded once below, in a reused buffer (fresh big ones cost page faults).
+            work = p if p.dtype == torch.float32 else \
+                self._fuse_buffers.get(p.shape, p.device, torch.float32).copy_(p)
+            for e in entries:
+                if isinstance(e, LowRank) and e.down.dim() == 2:
+                    # w += (s * scale) * up @ down in one pass, without a separate delta tensor.
+                    work.addmm_(e.up.to(p.device, torch.float32), e.down.to(p.device, torch.float32),
+                                alpha=strength * e.scale)
+                else:
+                    work.add_(e.delta(p.device), alpha=strength)
+            if work is not p:
+                p.copy_(work)
         return index, param, before
 
     def unload_all(self) -> None:
@@ -366,6 +375,7 @@ class LoraStack:
         for wrapper in self._live.values():
             wrapper.uninstall()
         self._live.clear()
+        self._live_buffers.clear()
         for index, originals in enumerate(self._originals):
             model = self.experts[index]
             with torch.no_grad():

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from wanx.lora import LoraError, LoraStack, parse_lora_arg
 from wanx.lora import stack as stack_module

@@ -18,7 +18,7 @@ from ..atomic import atomic_output
 from .convert import TARGETS, to_state_dict
 from .entries import FullDelta
 from .errors import LoraError
-from .reader import LoraContents, LoraFile, summarize_ranks
+from .reader import LoraContents, LoraFile, read_lora_file, summarize_ranks
 from .stack import check_fit, load_lora_contents, module_kind, name_list, owner_of
 
 CONVERT_TARGETS = TARGETS
@@ -76,8 +76,15 @@ def _describe(lora: LoraFile, contents: LoraContents) -> list[str]:
     return lines
 
 
-def _fits(lora: LoraFile, ckpt_dir: str) -> list[tuple[str, str | None, int]]:
-    """(expert, None if it fits else why not, entries) per DiT of the checkpoint; meta models only."""
+def fits_checkpoint(lora: LoraFile | str | os.PathLike,
+                    ckpt_dir: str | os.PathLike) -> list[tuple[str, str | None, int]]:
+    """(expert, None if it fits else why not, entries) per DiT of a checkpoint folder.
+
+    Reads config files only (the models are built on the meta device), so a CLI can refuse a LoRA
+    that does not fit before any weight is loaded.
+    """
+    if not isinstance(lora, LoraFile):
+        lora = read_lora_file(lora)
     from ..loading.dit import dit_config_from_json
     from ..loading.layout import find_checkpoint
     from ..loading.safe import CheckpointError
@@ -87,7 +94,7 @@ def _fits(lora: LoraFile, ckpt_dir: str) -> list[tuple[str, str | None, int]]:
         layout = find_checkpoint(ckpt_dir)
         configs = [dit_config_from_json(json.loads((p / "config.json").read_text())) for p in layout.dit_paths]
     except (CheckpointError, OSError, ValueError) as e:
-        raise LoraError(f"--ckpt_dir {ckpt_dir}: {e}") from None
+        raise LoraError(f"checkpoint folder {ckpt_dir}: {e}") from None
     labels = ("high", "low") if len(configs) == 2 else ("model",)
     out = []
     for label, path, cfg in zip(labels, layout.dit_paths, configs):
@@ -112,7 +119,7 @@ def cmd_lora_inspect(args) -> int:
     if not args.ckpt_dir:
         return 0
     status = 0
-    for label, problem, n in _fits(lora, args.ckpt_dir):
+    for label, problem, n in fits_checkpoint(lora, args.ckpt_dir):
         print(f"fits {label}: " + (f"yes ({n} entries)" if problem is None else f"NO - {problem}"))
         status |= problem is not None
     return status

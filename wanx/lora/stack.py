@@ -22,12 +22,11 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .entries import Entry, FullDelta, LowRank
+from .entries import Entry, LowRank
 from .errors import LoraError
 from .live import LiveDelta, LiveLinear, WorkBuffers
 from .names import KeySpace

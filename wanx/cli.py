@@ -23,6 +23,8 @@ log = logging.getLogger("wanx")
 SOLVERS = ("unipc", "dpm++", "euler", "flow_euler")  # wanx.sampling.SAMPLERS; --help needs no torch
 RECIPES = ("lightning",)  # wanx.request.RECIPES
 QUANT = ("int8", "fp8")
+LORA_MODES = ("fuse", "live")
+LORA_TARGETS = ("diffusers", "comfy", "official")  # wanx.lora.cli.CONVERT_TARGETS
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("sdpa", "math", "flash2", "flash3", "sage")
 # Resolver argument -> the flag a CLI user typed, for error messages.
@@ -33,7 +35,7 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative_prompt", "image": 
          "threads": "--threads", "recipe": "--recipe", "timesteps": "--timesteps",
          "boundary_step": "--boundary_step", "cfg_first_steps": "--cfg_first_steps",
          "cfg_first_scale": "--cfg_first_scale", "quantize": "--quantize", "t5_quantize": "--t5_quantize",
-         "dit_files": "--dit_files"}
+         "dit_files": "--dit_files", "lora": "--lora"}
 
 
 def _bool(v: str) -> bool:
@@ -110,6 +112,10 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow_any_size", action="store_true",
                    help="accept sizes outside the task's official list (must still divide the stride)")
     p.add_argument("--attention", default=None, choices=ATTENTION, help=f"attention backend: {', '.join(ATTENTION)}")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH][@high|@low]",
+                   help="apply a LoRA file (any format in the wild); repeat for several; @high/@low: one expert")
+    p.add_argument("--lora_mode", default="fuse", choices=LORA_MODES,
+                   help="fuse (merged into the weights) or live (unmerged: switchable per step, quantized weights)")
     p.add_argument("--dit_files", nargs="+", default=None, metavar="FILE",
                    help="the DiT as single files (two-expert tasks: high-noise then low-noise): GGUF, fp8/int8 "
                         "or plain safetensors; umT5, VAE and tokenizer from --ckpt_dir")
@@ -139,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(sub.add_parser("train", help="train the built-in demo model", parents=[verbose]))
     conv = sub.add_parser("convert", help="rewrite a checkpoint as safetensors with official key names",
                           parents=[verbose])
-    conv.add_argument("kind", choices=["dit", "vae", "t5"], help="which component: dit, vae or t5")
+    conv.add_argument("kind", choices=["dit", "vae", "t5", "lora"], help="which component: dit, vae, t5 or lora")
     conv.add_argument("src", help="official .pth/.safetensors, diffusers folder or single file")
     conv.add_argument("dst", help="output .safetensors file (dit: output folder)")
     conv.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
@@ -147,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dit single files: head count when the width is not a multiple of 128")
     conv.add_argument("--quantize", default=None, choices=("int8", "fp8", "q8_0"),
                       help="dit: write a quantized single file (int8/fp8 .safetensors, q8_0 .gguf)")
+    conv.add_argument("--to", default=None, choices=LORA_TARGETS,
+                      help=f"lora: the key format to write: {', '.join(LORA_TARGETS)}")
+    from .lora.cli import add_lora_inspect_parser
+
+    lora = sub.add_parser("lora", help="inspect LoRA files", parents=[verbose])
+    add_lora_inspect_parser(lora.add_subparsers(dest="lora_command", required=True, help="what to do: inspect"))
     return parser
 
 
@@ -188,10 +200,28 @@ def _resolve_generate(args):
                           save_file=args.save_file, overwrite=args.overwrite, recipe=args.recipe,
                           timesteps=args.timesteps, boundary_step=args.boundary_step,
                           cfg_first_steps=args.cfg_first_steps, cfg_first_scale=args.cfg_first_scale)
+    loras = _lora_args(args, layout, facts)
     if req.output is None:
         name = default_output_name(facts.spec.name, req.video_size, req.prompt, time.strftime("%Y%m%d_%H%M%S"))
         req = replace(req, output=check_output(name, args.overwrite))
-    return layout, req, device
+    return layout, req, device, loras
+
+
+def _lora_args(args, layout, facts) -> list[tuple[str, float, str]]:
+    """Every --lora parsed and checked against the checkpoint's configs, before any weight is read."""
+    from .lora.cli import fits_checkpoint
+    from .lora.spec import parse_lora_arg
+
+    loras = [parse_lora_arg(value) for value in args.lora or []]
+    for path, _, expert in loras:
+        if expert != "both" and not facts.two_experts:
+            raise UsageError(f"--lora {path}@{expert}: {facts.spec.name} has one expert; drop @{expert}")
+        if not Path(path).is_file():
+            raise UsageError(f"--lora file not found: {path}")
+        problems = [f"{label}: {problem}" for label, problem, _ in fits_checkpoint(path, layout.root) if problem]
+        if problems:
+            raise UsageError(f"--lora {path} does not fit {layout.root.name}: " + "; ".join(problems))
+    return loras
 
 
 def cmd_generate(args) -> int:
@@ -201,7 +231,7 @@ def cmd_generate(args) -> int:
     from .device import configure_cpu_threads
     from .model import set_attention_backend
 
-    layout, req, device = _resolve_generate(args)
+    layout, req, device, loras = _resolve_generate(args)
     configure_cpu_threads(args.threads)
     if args.attention:
         set_attention_backend(args.attention)
@@ -214,6 +244,9 @@ def cmd_generate(args) -> int:
                          convert_model_dtype=args.convert_model_dtype, vae_tiling=args.vae_tiling,
                          compile=args.compile, dit_files=args.dit_files, quantize=args.quantize,
                          t5_quantize=args.t5_quantize)
+    for path, strength, expert in loras:
+        report = pipe.load_lora(path, strength=strength, expert=expert, mode=args.lora_mode)
+        log.info("%s", report.summary())
     load_s = time.perf_counter() - t0
     with _logs_above_progress_bars():
         video = pipe.run(req, progress=sys.stderr.isatty() or None)
@@ -242,6 +275,12 @@ def cmd_convert(args) -> int:
         raise UsageError(f"src not found: {src}")
     if dst.exists() and (src.resolve() == dst.resolve() or os.path.samefile(src, dst)):
         raise UsageError(f"src and dst are the same path ({src}); converting in place would destroy the source")
+    if args.kind == "lora":
+        from .lora.cli import cmd_convert_lora
+
+        if args.to is None:
+            raise UsageError(f"convert lora needs --to ({', '.join(LORA_TARGETS)})")
+        return cmd_convert_lora(src, dst, args.to, args.overwrite)
     if args.quantize is not None:
         if args.kind != "dit":
             raise UsageError(f"--quantize converts a dit, not a {args.kind}")
@@ -282,8 +321,12 @@ def _user_error(e: BaseException) -> str | None:
     """The message for an error the user can fix, or None for a bug (which gets a traceback hint)."""
     from .loading.safe import CheckpointError
 
+    from .lora.errors import LoraError
+
     if isinstance(e, InputError):
         return e.message_for(FLAGS)
+    if isinstance(e, LoraError):
+        return str(e)
     if isinstance(e, (UsageError, CheckpointError, GenerationError, FileExistsError, FileNotFoundError,
                       IsADirectoryError, NotADirectoryError, PermissionError)):
         return str(e)
@@ -297,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
-    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train}
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train,
+                "lora": lambda a: a.lora_handler(a)}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -369,6 +369,19 @@ class LoraStack:
                 p.copy_(work)
         return index, param, before
 
+    @property
+    def has_fused(self) -> bool:
+        return any(self._originals)
+
+    def set_live_enabled(self, enabled: bool) -> None:
+        """Switch every live LoRA on or off (cheap: the replacement forwards are put back or removed);
+        fused LoRAs are part of the weights and stay."""
+        for wrapper in self._live.values():
+            if enabled:
+                wrapper.install()
+            elif "forward" in wrapper.layer.__dict__ and wrapper.layer.forward is wrapper:
+                wrapper.uninstall()
+
     def unload_all(self) -> None:
         """Remove every LoRA: live wrappers off, every fused parameter back to its original bits."""
         for wrapper in self._live.values():

@@ -35,7 +35,8 @@ def guided_velocity(model, latent: torch.Tensor, t: torch.Tensor, ctx: TextConte
 
 def run_plan(plan: SamplingPlan, noise: torch.Tensor, condition: Condition, experts: Sequence[torch.nn.Module],
              residency, ctx: TextContext, ctx_null: TextContext, *, batch_cfg: bool = True,
-             callback: StepCallback | None = None) -> torch.Tensor:
+             callback: StepCallback | None = None,
+             before_step: Callable[[PlanStep | None], None] | None = None) -> torch.Tensor:
     """Walk ``plan`` from ``noise [1, C, T, h, w]``; returns the final latent.
 
     The residency policy puts each step's expert in place and releases the experts at the end,
@@ -46,6 +47,8 @@ def run_plan(plan: SamplingPlan, noise: torch.Tensor, condition: Condition, expe
     latent = condition.start(noise)
     try:
         for step in plan:
+            if before_step is not None:
+                before_step(step)
             model = residency.activate(experts, step.expert)
             t = condition.timestep(step.timestep.to(device), latent)
             v = guided_velocity(model, latent, t, ctx, ctx_null, step.guide_scale, batch_cfg,
@@ -54,6 +57,8 @@ def run_plan(plan: SamplingPlan, noise: torch.Tensor, condition: Condition, expe
             if callback is not None:
                 callback(step.index + 1, len(plan), step)
     finally:
+        if before_step is not None:
+            before_step(None)  # None: the run is over, restore what the per-step switches changed
         residency.leave_denoise(experts)
     if not torch.isfinite(latent).all():
         raise GenerationError("the sampler produced NaN/inf values; nothing was decoded. Try float32 "

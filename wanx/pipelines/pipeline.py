@@ -56,9 +56,24 @@ class WanPipeline:
         self.checkpoint = checkpoint or {}
         self.residency = residency or WholeModelOffload(self.device, offload_model=self.options.offload_model,
                                                         t5_cpu=self.options.t5_cpu)
+        from ..lora import LoraStack
+
+        self._loras = LoraStack(self.experts)  # applied from outside; nothing until load_lora
         if self.options.compile:
             for expert in {id(e): e for e in self.experts}.values():
                 expert.compile_blocks()
+
+    def load_lora(self, path, strength=1.0, expert: str = "both", mode: str = "fuse", strict: bool = True):
+        """Apply a LoRA file (any format) to ``expert`` "both" | "high" | "low"; returns what it patched."""
+        return self._loras.load(path, strength=strength, expert=expert, mode=mode, strict=strict)
+
+    def unload_loras(self) -> None:
+        """Every LoRA off; the weights are back bit for bit."""
+        self._loras.unload_all()
+
+    @property
+    def loras(self):
+        return self._loras.applied
 
     @property
     def task(self) -> str:
@@ -99,6 +114,15 @@ class WanPipeline:
         gen = torch.Generator(device=self.device).manual_seed(req.seed)
         noise = torch.randn(self.vae.cfg.z_dim, *grid, dtype=torch.float32, device=self.device, generator=gen)
         return noise[None]
+
+    def _lora_phase(self, plan: SamplingPlan):
+        """Live LoRAs follow each step's ``loras`` flag (off in a real-guidance phase)."""
+        if all(step.loras for step in plan):
+            return None
+        if self._loras.has_fused:
+            log.warning("fused LoRAs stay on during the real-guidance steps; load them with mode='live' "
+                        "to leave them out there")
+        return lambda step: self._loras.set_live_enabled(step is None or step.loras)
 
     def plan(self, req: GenerationRequest) -> SamplingPlan:
         return build_plan(req.sample_solver, req.sample_steps, req.sample_shift, req.guide_scale,
@@ -146,7 +170,7 @@ class WanPipeline:
         with timer("denoise"), progress_bar(progress, len(plan), "denoise") as bar:
             latent = run_plan(plan, self.initial_noise(req, req.latent_grid), condition, self.experts,
                               self.residency, ctx, ctx_null, batch_cfg=self.options.batch_cfg,
-                              callback=bar.chain(callback))
+                              callback=bar.chain(callback), before_step=self._lora_phase(plan))
         with timer("decode"):
             video = self.decode(latent, progress=progress)
         out = Video(tensor=video, fps=self.spec.sample_fps, metadata=recipe_for(self, req))

@@ -74,4 +74,5 @@ def recipe_for(pipe, req) -> dict[str, Any]:
             "device": pipe.device.type,
             "attention": effective_backend(pipe.device, pipe.dit_config.head_dim),
             "checkpoint": pipe.checkpoint, "options": asdict(pipe.options),
-            "residency": pipe.residency.describe(), "wanx_version": __version__}
+            "residency": pipe.residency.describe(), "loras": [lora.to_dict() for lora in pipe.loras],
+            "wanx_version": __version__}

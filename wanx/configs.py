@@ -147,6 +147,53 @@ class DiTConfig(_ConfigMixin):
         return cls(**base)
 
 
+@dataclass(frozen=True)
+class AnimateConfig(DiTConfig):
+    """Animate-14B's transformer (official ``WanAnimateModel`` constructor names and defaults).
+
+    The fields after ``motion_encoder_dim`` are fixed in the official code (CLIP width 1280 and
+    257 image tokens, a 512-pixel LIA face encoder, a 4-head 1024-wide face encoder, a face
+    adapter after every 5th block); they are fields here only so tests can build tiny models.
+    """
+
+    model_type: str = "animate"
+    in_dim: int = 36
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    motion_encoder_dim: int = 512
+    image_dim: int = 1280
+    image_tokens: int = 257
+    face_size: int = 512
+    motion_dim: int = 20
+    face_hidden_dim: int = 1024
+    face_heads: int = 4
+    face_every: int = 5
+
+    def __post_init__(self):
+        if self.num_layers % self.face_every:
+            # The official applies adapter i//5 after every block i with i % 5 == 0 and builds
+            # num_layers // 5 adapters: any other layer count indexes past the last adapter.
+            raise ValueError(f"AnimateConfig: num_layers ({self.num_layers}) must be a multiple of "
+                             f"face_every ({self.face_every})")
+        if self.face_size < 4 or self.face_size & (self.face_size - 1):
+            raise ValueError(f"AnimateConfig: face_size must be a power of two >= 4, got {self.face_size}")
+
+    @property
+    def latent_dim(self) -> int:
+        """VAE latent channels: in_dim = noise + 4 mask channels + reference/temporal latents."""
+        return (self.in_dim - 4) // 2
+
+    @classmethod
+    def tiny(cls, **kw) -> "AnimateConfig":
+        """A 5-layer model (one face adapter) with 8-pixel face crops, for tests."""
+        base = dict(dim=64, ffn_dim=128, freq_dim=256, text_dim=32, num_heads=2, num_layers=5,
+                    image_dim=32, face_size=8)
+        base.update(kw)
+        return cls(**base)
+
+
 # Official per-channel latent statistics (vae2_1.py / vae2_2.py).
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

@@ -333,6 +333,40 @@ class T5Config(_ConfigMixin):
 
 
 @dataclass(frozen=True)
+class CLIPVisionConfig(_ConfigMixin):
+    """The visual tower of open-clip XLM-RoBERTa-large ViT-H/14 (official ``VisionTransformer`` names).
+
+    ``use_layers``: how many transformer blocks run; Animate uses the output after 31 of the 32
+    (``use_31_block=True``), with no post-norm.
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: float = 4.0
+    num_heads: int = 16
+    num_layers: int = 32
+    use_layers: int = 31
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.dim % self.num_heads or not 0 < self.use_layers <= self.num_layers:
+            raise ValueError(f"CLIPVisionConfig: dim {self.dim} must split into {self.num_heads} heads and "
+                             f"use_layers ({self.use_layers}) must be in [1, {self.num_layers}]")
+
+    @property
+    def num_tokens(self) -> int:
+        """Class token + one per patch (257 for the official 224/14)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def tiny(cls, **kw) -> "CLIPVisionConfig":
+        base = dict(image_size=28, patch_size=14, dim=32, num_heads=4, num_layers=3, use_layers=2)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One official task: model sizes, file names and the official sampling defaults."""
 

@@ -40,7 +40,7 @@ def official_module(name: str):
     """``wan/<name>.py`` (dotted, e.g. ``modules.animate.face_blocks``) without running any package __init__."""
     root = official_src()
     _need(root / (name.replace(".", "/") + ".py"), "einops", "diffusers")
-    for pkg in ("", ".modules", ".modules.animate", ".distributed"):
+    for pkg in ("", ".modules", ".modules.animate", ".distributed", ".utils"):
         full = PKG + pkg
         if full not in sys.modules:
             mod = types.ModuleType(full)

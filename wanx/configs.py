@@ -22,6 +22,9 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 NUM_TRAIN_TIMESTEPS = 1000
 
+# Animate-14B's config prompt ("the person in the video is doing actions"), used when none is given.
+ANIMATE_DEFAULT_PROMPT = "视频中的人在做动作"
+
 # "W*H" -> (W, H), as the official SIZE_CONFIGS.
 SIZE_CONFIGS: dict[str, tuple[int, int]] = {
     "720*1280": (720, 1280),
@@ -437,7 +440,7 @@ TASKS: dict[str, TaskSpec] = {
         default_size="1280*720", runnable=False,
         note="speech-to-video needs the S2V model (audio injection, frame packing): not yet runnable"),
     "animate-14B": TaskSpec(
-        name="animate-14B", dit=DiTConfig(model_type="i2v", in_dim=36, out_dim=16, **_A14B),
+        name="animate-14B", dit=AnimateConfig(),
         vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=20, sample_shift=5.0,
         guide_scale=1.0, frame_num=77, sample_fps=30, supported_sizes=("720*1280", "1280*720"),
         default_size="1280*720", runnable=False,

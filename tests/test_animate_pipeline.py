@@ -156,7 +156,9 @@ def tiny_pipeline(tmp_path_factory):
     from wanx.testing import build_tiny_checkpoint
 
     folder = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "animate", "animate-14B")
-    return load_animate_pipeline(folder, device="cpu")
+    pipe = load_animate_pipeline(folder, device="cpu")
+    pipe.checkpoint_folder = folder
+    return pipe
 
 
 def _write_folder(path, raw, replace):
@@ -215,3 +217,24 @@ def test_letterbox_keeps_the_aspect_on_black():
     assert out.shape == (32, 48, 3)
     assert (out[:, 20:28] == 200).all() and (out[:, :20] == 0).all() and (out[:, 28:] == 0).all()
     assert to_pixels(out[None]).shape == (3, 1, 32, 48)
+
+
+def test_relighting_lora_is_fused_when_asked(tiny_pipeline, tmp_path):
+    from wanx.loading.animate_lora import relighting_targets
+    from wanx.pipelines.animate_pipeline import load_animate_pipeline
+    from wanx.loading.safe import CheckpointError
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_pipeline.checkpoint_folder, folder)
+    with pytest.raises(CheckpointError, match="relighting_lora.ckpt"):
+        load_animate_pipeline(folder, device="cpu", use_relighting_lora=True)
+    name, layer = next(iter(relighting_targets(tiny_pipeline.experts[0]).items()))
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"{name}.lora_A.weight": torch.randn(2, layer.in_features, generator=gen),
+          f"{name}.lora_B.weight": torch.randn(layer.out_features, 2, generator=gen)}
+    torch.save({"state_dict": sd}, folder / "relighting_lora.ckpt")
+    pipe = load_animate_pipeline(folder, device="cpu", use_relighting_lora=True)
+    fused = dict(pipe.experts[0].named_modules())[name].weight
+    expected = layer.weight + (sd[f"{name}.lora_B.weight"] @ sd[f"{name}.lora_A.weight"]) * (128 / 2)
+    assert torch.allclose(fused, expected, atol=1e-5) and pipe.checkpoint["relighting_lora"] is True

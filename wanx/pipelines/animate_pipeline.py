@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from ..errors import InputError
 from .animate import (AnimateInputs, SegmentCallback, bf16_round, check_animate_inputs, read_animate_folder,
                       run_segments, to_pixels)
 from .pipeline import PipelineOptions, WanPipeline
+
+log = logging.getLogger("wanx")
 
 
 class AnimatePipeline(WanPipeline):
@@ -74,11 +77,17 @@ class AnimatePipeline(WanPipeline):
 
 
 def load_animate_pipeline(ckpt_dir, device=None, dtype=None, *, offload_model: bool = False,
-                          t5_cpu: bool = False, convert_model_dtype: bool = False) -> AnimatePipeline:
-    """Load an official-layout Animate-14B folder (T5, VAE, CLIP, the Animate DiT at the root)."""
+                          t5_cpu: bool = False, convert_model_dtype: bool = False,
+                          use_relighting_lora: bool = False) -> AnimatePipeline:
+    """Load an official-layout Animate-14B folder (T5, VAE, CLIP, the Animate DiT at the root).
+
+    ``use_relighting_lora`` fuses the folder's ``relighting_lora.ckpt`` into the DiT (the official
+    flag of the same name; meant for replacement mode).
+    """
     from ..device import dit_dtype, resolve_device, resolve_dtype
     from ..loading.animate import load_animate_dit
     from ..loading.animate_clip import CLIP_CHECKPOINT, load_clip_visual
+    from ..loading.animate_lora import RELIGHTING_LORA, fuse_relighting_lora
     from ..loading.layout import _official_layout
     from ..loading.safe import CheckpointError
     from .loader import _load_text_encoder, _load_vae
@@ -89,11 +98,16 @@ def load_animate_pipeline(ckpt_dir, device=None, dtype=None, *, offload_model: b
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {root}")
     layout = _official_layout(root, "animate-14B")  # names every missing T5/VAE/DiT file
-    if not (root / CLIP_CHECKPOINT).is_file():
-        raise CheckpointError(f"checkpoint folder is incomplete; missing:\n  {root / CLIP_CHECKPOINT} (CLIP weights)")
+    need = [(CLIP_CHECKPOINT, "CLIP weights")] + ([(RELIGHTING_LORA, "relighting LoRA")] if use_relighting_lora else [])
+    missing = [f"{root / name} ({what})" for name, what in need if not (root / name).is_file()]
+    if missing:
+        raise CheckpointError("checkpoint folder is incomplete; missing:\n  " + "\n  ".join(missing))
     options = PipelineOptions(offload_model=offload_model, t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype)
     home = torch.device("cpu") if offload_model else device
     dit = load_animate_dit(root, dtype=dit_dtype(dtype, convert_model_dtype), device=home)
+    if use_relighting_lora:
+        log.info("fused %d relighting LoRA layers", fuse_relighting_lora(dit, root / RELIGHTING_LORA))
     clip = load_clip_visual(root / CLIP_CHECKPOINT, dtype=dtype, device=home)
+    identity = {"name": root.resolve().name, "layout": "official", "relighting_lora": use_relighting_lora}
     return AnimatePipeline(layout.spec, _load_text_encoder(layout, dtype), _load_vae(layout, device), dit, clip,
-                           device=device, options=options, checkpoint={"name": root.resolve().name, "layout": "official"})
+                           device=device, options=options, checkpoint=identity)

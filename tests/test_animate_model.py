@@ -172,3 +172,15 @@ def test_a_missing_tensor_is_named(cfg, tmp_path):
     save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(CheckpointError, match="linear1_kv"):
         load_animate_dit(folder)
+
+
+def test_bf16_weights_run_and_stay_close_to_fp32(cfg):
+    model = WanAnimateDiT(cfg).eval()
+    randomize(model)
+    x, t, ctx, clip, y, pose, face = tiny_inputs(cfg)
+    with torch.no_grad():
+        full = model(x, t, ctx, clip_fea=clip, y=y, pose_latents=pose, face_pixels=face)
+        half = model.to(torch.bfloat16)(x, t, ctx, clip_fea=clip, y=y, pose_latents=pose, face_pixels=face)
+    err = rel_err(half, full)
+    print(f"bf16 weights vs fp32: max rel err = {err:.2e}")
+    assert half.dtype == torch.float32 and err < 3e-2

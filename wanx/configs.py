@@ -22,6 +22,9 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 NUM_TRAIN_TIMESTEPS = 1000
 
+# Animate-14B's config prompt ("the person in the video is doing actions"), used when none is given.
+ANIMATE_DEFAULT_PROMPT = "视频中的人在做动作"
+
 # "W*H" -> (W, H), as the official SIZE_CONFIGS.
 SIZE_CONFIGS: dict[str, tuple[int, int]] = {
     "720*1280": (720, 1280),
@@ -143,6 +146,53 @@ class DiTConfig(_ConfigMixin):
         in_out = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}[model_type]
         base = dict(model_type=model_type, in_dim=in_out[0], out_dim=in_out[1], dim=64,
                     ffn_dim=128, freq_dim=256, text_dim=32, num_heads=2, num_layers=2)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class AnimateConfig(DiTConfig):
+    """Animate-14B's transformer (official ``WanAnimateModel`` constructor names and defaults).
+
+    The fields after ``motion_encoder_dim`` are fixed in the official code (CLIP width 1280 and
+    257 image tokens, a 512-pixel LIA face encoder, a 4-head 1024-wide face encoder, a face
+    adapter after every 5th block); they are fields here only so tests can build tiny models.
+    """
+
+    model_type: str = "animate"
+    in_dim: int = 36
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    motion_encoder_dim: int = 512
+    image_dim: int = 1280
+    image_tokens: int = 257
+    face_size: int = 512
+    motion_dim: int = 20
+    face_hidden_dim: int = 1024
+    face_heads: int = 4
+    face_every: int = 5
+
+    def __post_init__(self):
+        if self.num_layers % self.face_every:
+            # The official applies adapter i//5 after every block i with i % 5 == 0 and builds
+            # num_layers // 5 adapters: any other layer count indexes past the last adapter.
+            raise ValueError(f"AnimateConfig: num_layers ({self.num_layers}) must be a multiple of "
+                             f"face_every ({self.face_every})")
+        if self.face_size < 4 or self.face_size & (self.face_size - 1):
+            raise ValueError(f"AnimateConfig: face_size must be a power of two >= 4, got {self.face_size}")
+
+    @property
+    def latent_dim(self) -> int:
+        """VAE latent channels: in_dim = noise + 4 mask channels + reference/temporal latents."""
+        return (self.in_dim - 4) // 2
+
+    @classmethod
+    def tiny(cls, **kw) -> "AnimateConfig":
+        """A 5-layer model (one face adapter) with 8-pixel face crops, for tests."""
+        base = dict(dim=64, ffn_dim=128, freq_dim=256, text_dim=32, num_heads=2, num_layers=5,
+                    image_dim=32, face_size=8)
         base.update(kw)
         return cls(**base)
 
@@ -286,6 +336,40 @@ class T5Config(_ConfigMixin):
 
 
 @dataclass(frozen=True)
+class CLIPVisionConfig(_ConfigMixin):
+    """The visual tower of open-clip XLM-RoBERTa-large ViT-H/14 (official ``VisionTransformer`` names).
+
+    ``use_layers``: how many transformer blocks run; Animate uses the output after 31 of the 32
+    (``use_31_block=True``), with no post-norm.
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: float = 4.0
+    num_heads: int = 16
+    num_layers: int = 32
+    use_layers: int = 31
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.dim % self.num_heads or not 0 < self.use_layers <= self.num_layers:
+            raise ValueError(f"CLIPVisionConfig: dim {self.dim} must split into {self.num_heads} heads and "
+                             f"use_layers ({self.use_layers}) must be in [1, {self.num_layers}]")
+
+    @property
+    def num_tokens(self) -> int:
+        """Class token + one per patch (257 for the official 224/14)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def tiny(cls, **kw) -> "CLIPVisionConfig":
+        base = dict(image_size=28, patch_size=14, dim=32, num_heads=4, num_layers=3, use_layers=2)
+        base.update(kw)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One official task: model sizes, file names and the official sampling defaults."""
 
@@ -356,7 +440,7 @@ TASKS: dict[str, TaskSpec] = {
         default_size="1280*720", runnable=False,
         note="speech-to-video needs the S2V model (audio injection, frame packing): not yet runnable"),
     "animate-14B": TaskSpec(
-        name="animate-14B", dit=DiTConfig(model_type="i2v", in_dim=36, out_dim=16, **_A14B),
+        name="animate-14B", dit=AnimateConfig(),
         vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=20, sample_shift=5.0,
         guide_scale=1.0, frame_num=77, sample_fps=30, supported_sizes=("720*1280", "1280*720"),
         default_size="1280*720", runnable=False,

@@ -77,10 +77,12 @@ class GenerationRequest:
     boundary_step: int | None = None  # switch experts by step index instead of by timestep
     cfg_first_steps: int = 0  # a real-guidance phase: this many first steps ...
     cfg_first_scale: tuple[float, float] | None = None  # ... at this (low, high) scale, live LoRAs off
+    animate: "AnimateSettings | None" = None  # Animate-14B only
 
     def settings(self) -> dict[str, Any]:
         """The settings that decide the frames, for the video's metadata."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "image": self.image_name,
+        extra = {} if self.animate is None else {"animate": self.animate.describe()}
+        return {**extra, "prompt": self.prompt, "negative_prompt": self.negative_prompt, "image": self.image_name,
                 "size": f"{self.size[0]}*{self.size[1]}", "frame_num": self.frame_num,
                 "sample_steps": self.sample_steps, "sample_shift": self.sample_shift,
                 "sample_guide_scale": list(self.guide_scale), "boundary": self.boundary,
@@ -88,6 +90,86 @@ class GenerationRequest:
                 "timesteps": None if self.timesteps is None else list(self.timesteps),
                 "boundary_step": self.boundary_step, "cfg_first_steps": self.cfg_first_steps,
                 "cfg_first_scale": None if self.cfg_first_scale is None else list(self.cfg_first_scale)}
+
+
+@dataclass(frozen=True)
+class AnimateSettings:
+    """Animate-14B's own settings: mode, temporal guidance, segmenting of the driving video."""
+
+    replace: bool  # replace the person in the video (True) or animate the reference image (False)
+    refert_num: int  # frames of the previous segment that guide the next one (1 or 5)
+    clip_len: int  # frames per segment (77)
+    num_frames: int  # frames of the driving video; the output has as many
+    padded_frames: int  # after ping-pong padding to a whole number of segments
+    source: str | None = None  # the preprocessed folder's name, for the recipe
+
+    @property
+    def num_segments(self) -> int:
+        return (self.padded_frames - self.refert_num) // (self.clip_len - self.refert_num)
+
+    def describe(self) -> dict[str, Any]:
+        return {"replace": self.replace, "refert_num": self.refert_num, "clip_len": self.clip_len,
+                "num_frames": self.num_frames, "segments": self.num_segments, "source": self.source}
+
+
+ANIMATE_REFERT_NUMS = (1, 5)
+
+
+def animate_padded_length(num_frames: int, clip_len: int, refert_num: int) -> int:
+    """Frames after padding so that segments of ``clip_len`` overlapping by ``refert_num`` tile them
+    exactly: ``(padded - refert_num) % (clip_len - refert_num) == 0`` (official ``get_valid_len``)."""
+    stride = clip_len - refert_num
+    rest = (num_frames - refert_num) % stride
+    return num_frames + (stride - rest if rest else 0)
+
+
+def resolve_animate_request(facts: ModelFacts, prompt: Any = None, negative_prompt: Any = None, *,
+                            num_frames: int, video_size: tuple[int, int], replace: Any = False,
+                            refert_num: Any = 1, sample_steps: Any = None, sample_shift: Any = None,
+                            guide_scale: Any = None, sample_solver: Any = None, seed: Any = -1,
+                            save_file: Any = None, overwrite: bool = False,
+                            source: str | None = None) -> GenerationRequest:
+    """Animate-14B's request: the driving video's frame count and size come from the inputs.
+
+    An empty prompt means the task's config prompt (the official default). ``refert_num`` must be
+    1 or 5, as the official asserts; its CLI default of 77 fails that assertion, so wanx defaults to 1.
+    """
+    from .configs import ANIMATE_DEFAULT_PROMPT
+
+    spec = facts.spec
+    if not isinstance(replace, bool):
+        raise InputError("replace", f"{{arg}} must be True or False, got {replace!r}")
+    if refert_num not in ANIMATE_REFERT_NUMS or isinstance(refert_num, bool):
+        raise InputError("refert_num", f"{{arg}} must be 1 or 5 (frames of the previous segment that guide "
+                                       f"the next), got {refert_num!r}")
+    clip_len = _frame_num(spec.frame_num)
+    if clip_len <= refert_num:
+        raise InputError("refert_num", f"{{arg}} {refert_num} leaves nothing to generate in {clip_len}-frame segments")
+    if num_frames <= refert_num:
+        raise InputError("src_root", f"{{arg}}: the driving video has {num_frames} frame(s); it needs more "
+                                     f"than refert_num ({refert_num})")
+    w, h = video_size
+    stride = facts.size_multiple
+    if w % stride or h % stride:
+        raise InputError("src_root", f"{{arg}}: the pose video is {w}x{h}; both sides must be multiples "
+                                     f"of {stride} (the preprocessing writes multiples of 16)")
+    text = _text("prompt", prompt) or ANIMATE_DEFAULT_PROMPT
+    steps = _positive_int("sample_steps", spec.sample_steps if sample_steps is None else sample_steps)
+    shift = _finite("sample_shift", spec.sample_shift if sample_shift is None else sample_shift)
+    if shift <= 0:
+        raise InputError("sample_shift", f"{{arg}} must be > 0, got {shift}")
+    settings = AnimateSettings(replace=replace, refert_num=int(refert_num), clip_len=clip_len,
+                               num_frames=int(num_frames),
+                               padded_frames=animate_padded_length(num_frames, clip_len, int(refert_num)),
+                               source=source)
+    grid = ((clip_len - 1) // spec.vae_stride[0] + 2, h // spec.vae_stride[1], w // spec.vae_stride[2])
+    return GenerationRequest(
+        task=spec.name, prompt=text, negative_prompt=_text("negative_prompt", negative_prompt) or spec.negative_prompt,
+        image=None, image_name="src_ref.png", size=(w, h), video_size=(w, h), latent_grid=grid,
+        frame_num=int(num_frames), sample_steps=steps, sample_shift=shift,
+        guide_scale=_guide_scale(facts, spec.guide_scale if guide_scale is None else guide_scale),
+        boundary=None, sample_solver=_solver("unipc" if sample_solver is None else sample_solver),
+        seed=_seed(seed), output=_output(save_file, overwrite), animate=settings)
 
 
 # Named presets over plain settings: they fill what the caller left as None.

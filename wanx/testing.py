@@ -16,8 +16,12 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_output
-from .configs import DiTConfig, T5Config, VAEConfig, get_task
+from .configs import AnimateConfig, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig, get_task
 
+# One head: the CLIP loader infers heads as width // 80 (ViT-H/14), at least 1; it runs the first 2 of 3 blocks.
+TINY_CLIP = CLIPVisionConfig.tiny(num_heads=1, num_layers=3, use_layers=2)
+# Animate: 9-frame segments (3 latent frames with the reference); the size comes from the pose video.
+TINY_ANIMATE_DEFAULTS = {"frame_num": 9, "sample_steps": 3}
 TINY_TASK_DEFAULTS = {"supported_sizes": ["64*64", "128*64", "64*128", "128*128"],
                       "default_size": "64*64", "frame_num": 5, "sample_steps": 4}
 
@@ -37,7 +41,10 @@ def tiny_configs(task: str) -> tuple[DiTConfig, T5Config, VAEConfig]:
     """The tiny DiT/T5/VAE configs used for ``task`` (same channel layout as the real model)."""
     spec = get_task(task)
     t5 = T5Config.tiny()
-    dit = DiTConfig.tiny(spec.dit.model_type, text_dim=t5.dim)
+    if isinstance(spec.dit, AnimateConfig):  # CLIP features: TINY_CLIP's width and token count
+        dit = AnimateConfig.tiny(text_dim=t5.dim, image_dim=TINY_CLIP.dim, image_tokens=TINY_CLIP.num_tokens)
+    else:
+        dit = DiTConfig.tiny(spec.dit.model_type, text_dim=t5.dim)
     vae = VAEConfig.tiny(spec.vae_version)
     return dit, t5, vae
 
@@ -66,15 +73,43 @@ def build_tiny_checkpoint(folder: str | Path, task: str = "t2v-A14B", *, seed: i
     vae = WanVAE(vae_cfg)
     _randomize(vae, gen)
     save_vae(vae, folder / spec.vae_checkpoint)
-    for sub in (spec.expert_dirs or (".",)):
-        dit = WanDiT(dit_cfg)
-        _randomize(dit, gen)
-        save_dit(dit, folder / sub, layout="official", max_shard_bytes=max_shard_bytes)
-    overrides = dict(TINY_TASK_DEFAULTS, **(task_overrides or {}))
+    if isinstance(dit_cfg, AnimateConfig):
+        _write_tiny_animate(folder, dit_cfg, gen)
+        overrides = dict(TINY_ANIMATE_DEFAULTS, **(task_overrides or {}))
+    else:
+        for sub in (spec.expert_dirs or (".",)):
+            dit = WanDiT(dit_cfg)
+            _randomize(dit, gen)
+            save_dit(dit, folder / sub, layout="official", max_shard_bytes=max_shard_bytes)
+        overrides = dict(TINY_TASK_DEFAULTS, **(task_overrides or {}))
     meta = {"t5": t5_cfg.to_dict(), "vae": vae_cfg.to_dict(), "task": {"base": task, **overrides}}
     with atomic_output(folder / "wanx.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+def _write_tiny_animate(folder: Path, cfg: AnimateConfig, gen: torch.Generator) -> None:
+    """Animate's DiT (official keys, config.json) and a CLIP file shaped like the official one (visual. keys)."""
+    from .loading.animate import save_animate_dit
+    from .loading.animate_clip import CLIP_CHECKPOINT
+    from .model.animate import WanAnimateDiT
+    from .vision import CLIPVision
+
+    dit = WanAnimateDiT(cfg)
+    _randomize(dit, gen)
+    with torch.no_grad():  # LIA weights are used at N(0, 1) scale (they are rescaled at run time)
+        for name, p in dit.motion_encoder.named_parameters():
+            if "bias" not in name:
+                p.normal_(generator=gen)
+    save_animate_dit(dit, folder)
+    clip = CLIPVision(TINY_CLIP.replace(use_layers=TINY_CLIP.num_layers))  # all blocks, as the file has
+    _randomize(clip, gen)
+    sd = {f"visual.{k}": v for k, v in clip.state_dict().items()}
+    width = TINY_CLIP.dim
+    sd.update({"visual.post_norm.weight": torch.ones(width), "visual.post_norm.bias": torch.zeros(width),
+               "visual.head": torch.randn(width, width, generator=gen), "log_scale": torch.tensor(2.0)})
+    with atomic_output(folder / CLIP_CHECKPOINT, overwrite=True) as tmp:
+        torch.save(sd, tmp)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 A condition is made per request. ``prepare`` encodes whatever the task conditions on (the i2v
 image channels, the ti2v first frame); then the loop asks it for the starting latent, the
 timestep tensor the DiT sees, the extra DiT inputs, and what to do after each step.
-S2V and Animate will be two more classes here.
+S2V will be one more class here; Animate's (segment by segment) lives in :mod:`.animate`, which
+registers itself in :data:`CONDITIONS` (imported late: it subclasses :class:`Condition`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ CONDITIONS: dict[str, type[Condition]] = {"t2v": Condition, "i2v": ImageToVideo,
 
 def make_condition(req: GenerationRequest, facts: ModelFacts, device) -> Condition:
     """The condition of the checkpoint's DiT model type, for one request."""
+    if facts.model_type == "animate" and "animate" not in CONDITIONS:
+        from . import animate  # noqa: F401  (registers AnimateCondition)
     try:
         cls = CONDITIONS[facts.model_type]
     except KeyError:

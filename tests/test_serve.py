@@ -433,3 +433,52 @@ def test_serve_flags_have_help_and_bind_loopback_by_default():
     assert all(a.help for a in p._actions)
     args = p.parse_args([])
     assert args.host == "127.0.0.1" and args.port == 8000  # loopback by default
+
+
+def test_warning_when_reachable_from_other_machines_without_a_key(tmp_path):
+    from wanx.serve.cli import exposure_warning
+
+    assert exposure_warning(ServeConfig(data=tmp_path)) is None  # loopback by default
+    assert exposure_warning(ServeConfig(data=tmp_path, host="0.0.0.0", api_key="k")) is None
+    warning = exposure_warning(ServeConfig(data=tmp_path, host="0.0.0.0"))
+    assert "without an API key" in warning and "WANX_API_KEY" in warning
+
+
+def test_missing_serve_extra_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    import argparse
+    import sys
+
+    from wanx.serve import add_serve_flags, cmd_serve
+
+    p = argparse.ArgumentParser()
+    add_serve_flags(p)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the extra were not installed
+    assert cmd_serve(p.parse_args(["--data", str(tmp_path / "d")])) == 2
+    assert "pip install 'wanx[serve]'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before touching anything
+
+
+def test_a_model_that_fails_to_load_is_a_503_not_a_stuck_queue(tmp_path):
+    from wanx.testing import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path / "t2v", "t2v-A14B", seed=1)
+    for weights in (ckpt / "high_noise_model").glob("*.safetensors"):
+        weights.write_bytes(b"\0" * 64)  # configs stay valid (requests are checked), the weights do not load
+    with BackgroundServer(ServeConfig(data=tmp_path / "data", ckpt_dir=str(ckpt))) as url:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            deadline = time.monotonic() + 60
+            while c.get("/health").json()["status"] != "error":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            r = c.post("/v1/videos", json={"prompt": PROMPT})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+            assert str(tmp_path) not in r.text
+
+
+def test_page_is_served_with_a_strict_content_security_policy(serve):
+    url, _ = serve()
+    r = httpx.get(url + "/", timeout=30)
+    assert r.status_code == 200 and "<form id=\"form\"" in r.text
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(url + "/static/app.js", timeout=30).headers["content-type"].startswith(("text/javascript",
+                                                                                             "application/javascript"))

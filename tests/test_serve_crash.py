@@ -130,3 +130,26 @@ def _check_outcome(data, accepted, final, killed_during, unknown, elapsed) -> No
                "completed_exactly_once": sum(1 for n in completions.values() if n == 1),
                "wall_s": round(elapsed, 1)}
     print("\ncrash test:", json.dumps(figures))
+
+
+def test_sigterm_puts_the_running_job_back_without_counting_it(tmp_path):
+    """A clean stop (SIGTERM) ends the running job at its next step and queues it again, attempt not counted."""
+    data = tmp_path / "data"
+    server = ServerProcess(data, "--max_steps", "1000")
+    url = server.start()
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            job = c.post("/v1/videos", json={"prompt": "a red circle moving left", "sample_steps": 600}).json()["id"]
+            wait_until(lambda: c.get(f"/v1/videos/{job}").json()["progress"] >= 2, 120, 0.05, "the job running")
+        start = time.monotonic()
+        assert server.stop(timeout=30) == 0
+        stopped_in = time.monotonic() - start
+    finally:
+        server.kill()
+    assert stopped_in < 10  # the job (600 steps, ~25 s) was stopped between steps, not run to the end
+    store = JobStore(data / "queue.sqlite3")
+    try:
+        job_row = store.get(job)
+        assert job_row.status == "queued" and job_row.attempts == 0
+    finally:
+        store.close()

@@ -25,6 +25,10 @@ from .store import Job
 from .uploads import BodyLimit
 
 STATIC = Path(__file__).resolve().parent / "static"
+# The page loads only its own script and style; videos play from blob: URLs the script makes.
+PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+                                           "script-src 'self'; style-src 'self'; frame-ancestors 'none'"}
 VARIANTS = {"video": "video/mp4", "thumbnail": "image/webp", "spritesheet": "image/webp"}
 FORM_LIMITS = dict(max_files=2, max_fields=64, max_part_size=1 << 20)  # text fields; files are capped by size
 
@@ -54,7 +58,7 @@ def create_app(service: VideoService) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def index():
-        return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
     @app.get("/health")
     def health():

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ServeConfig, default_data_dir, is_loopback
@@ -73,6 +75,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         prompt_extend_lang=args.prompt_extend_lang, threads=args.threads)
 
 
+def exposure_warning(config: ServeConfig) -> str | None:
+    """The warning for a server reachable from other machines without a key (None when there is none)."""
+    if is_loopback(config.host) or config.api_key is not None:
+        return None
+    return (f"serving on {config.host} without an API key: anyone who can reach this port can queue and delete "
+            f"jobs (set --api_key or ${KEY_ENV})")
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket. Made with proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted
     sockets whose proto says TCP, and without it every reply waited ~40 ms for a delayed ACK."""
@@ -91,9 +101,24 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_server(app, verbose: bool = False):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):
+            """SIGINT/SIGTERM only ask for a shutdown. uvicorn's own handling re-raises the signal once
+            it has stopped, which killed the process before the workers put their running job back."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                             lifespan="off", timeout_keep_alive=30)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -110,9 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service import VideoService
 
     config = config_from_args(args)
-    if not is_loopback(config.host) and config.api_key is None:
-        print(f"wanx: warning: serving on {config.host} without an API key: anyone who can reach this port can "
-              f"queue and delete jobs (set --api_key or ${KEY_ENV})", file=sys.stderr)
+    warning = exposure_warning(config)
+    if warning:
+        print(f"wanx: warning: {warning}", file=sys.stderr)
     try:
         service = VideoService(config)
         sock = bind(config.host, config.port)

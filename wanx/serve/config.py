@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import re
@@ -76,6 +75,8 @@ class DataDir:
 
     def lock(self) -> None:
         """Refuse a second server on the same folder (the lock dies with the process, even on kill -9)."""
+        import fcntl  # POSIX only: imported here so `import wanx.serve` (the CLI's flags) works anywhere
+
         handle = open(self.root / ".lock", "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -93,6 +93,9 @@ class VideoService:
 
     def submit(self, fields: list[tuple[str, Any]]) -> Job:
         """Check a create request completely, store its upload, commit the job; ApiError on refusal."""
+        if self.workers and all(w.load_error for w in self.workers):
+            raise ApiError(503, "the model failed to load, so no job could run; see the server log",
+                           code="model_unavailable")
         sub = collect(fields)
         self._check_service_fields(sub)
         job_id = self.data.new_id()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .config import IMAGE_NAME, DataDir, ServeConfig
+from .config import DataDir, ServeConfig
 from .errors import ApiError
 from .params import Submission, collect, resolver_args
 from .store import Job, JobStore

@@ -124,6 +124,9 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles to bound memory")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (slower first step, faster after; needs a C++ compiler on CPU)")
+    from .prompts import add_prompt_extend_flags
+
+    add_prompt_extend_flags(p)
 
 
 def _verbose_parent() -> argparse.ArgumentParser:
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dit: write a quantized single file (int8/fp8 .safetensors, q8_0 .gguf)")
     conv.add_argument("--to", default=None, choices=LORA_TARGETS,
                       help=f"lora: the key format to write: {', '.join(LORA_TARGETS)}")
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub, parents=[verbose])
     from .lora.cli import add_lora_inspect_parser
 
     lora = sub.add_parser("lora", help="inspect LoRA files", parents=[verbose])
@@ -204,7 +210,23 @@ def _resolve_generate(args):
     if req.output is None:
         name = default_output_name(facts.spec.name, req.video_size, req.prompt, time.strftime("%Y%m%d_%H%M%S"))
         req = replace(req, output=check_output(name, args.overwrite))
-    return layout, req, device, loras
+    return layout, _extend_prompt(args, req, facts), device, loras
+
+
+def _extend_prompt(args, req, facts):
+    """--prompt_extend: rewrite the prompt last, after every other check (it may wait on a server)."""
+    from dataclasses import replace
+
+    from .prompts import extend_for_cli
+
+    try:
+        extension = extend_for_cli(args, req.prompt, facts.model_type, image=args.image, seed=args.base_seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if extension is None:
+        return req
+    args.prompt_extension = extension  # recorded in the video's recipe by cmd_generate
+    return replace(req, prompt=extension.prompt)
 
 
 def _lora_args(args, layout, facts) -> list[tuple[str, float, str]]:
@@ -250,6 +272,9 @@ def cmd_generate(args) -> int:
     load_s = time.perf_counter() - t0
     with _logs_above_progress_bars():
         video = pipe.run(req, progress=sys.stderr.isatty() or None)
+    extension = getattr(args, "prompt_extension", None)
+    if extension is not None:
+        video.metadata["prompt_extend"] = extension.recipe()  # the original and the extended prompt
     path = video.save(req.output, overwrite=args.overwrite)
     secs = video.stats.get("seconds", {})
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_s, **secs}.items())
@@ -311,6 +336,12 @@ def _convert_file(kind: str, src: Path, tmp: Path) -> None:
         save_t5(load_t5(src), tmp)
 
 
+def _cmd_serve(args) -> int:
+    from .serve import cmd_serve
+
+    return cmd_serve(args)
+
+
 def _cmd_train(args) -> int:
     from .train.cli import cmd_train
 
@@ -340,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
-    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train,
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train, "serve": _cmd_serve,
                 "lora": lambda a: a.lora_handler(a)}
     try:
         return handlers[args.command](args)

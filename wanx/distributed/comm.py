@@ -32,6 +32,10 @@ def sequence_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, seq // p, p * h, d)  # [B, s, N, D]
 
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def gather_cat(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every rank's ``x`` concatenated along ``dim`` in rank order (same shape on every rank)."""
     p = dist.get_world_size(group)
@@ -39,5 +43,5 @@ def gather_cat(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     # Stacked along dim 0 (the only layout gloo's all-gather accepts), then moved to ``dim``.
     out = torch.empty((p * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)  # [P*d0, ...]
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_single(out, x.contiguous(), group=group)
     return torch.cat(out.chunk(p), dim=dim)

@@ -93,6 +93,13 @@ def build_mesh(config: ParallelConfig, device: torch.device | str):
     return init_device_mesh(torch.device(device).type, shape, mesh_dim_names=("replica", "cfg", "ulysses"))
 
 
+def world_mesh(device: torch.device | str):
+    """A one-dimensional mesh over every rank (FSDP shards over all of them, as the official code)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(torch.device(device).type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+
+
 def is_main_process() -> bool:
     """Rank 0, or any process outside a process group (it decodes, saves and prints)."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,120 @@
+"""Whole generations over 2 and 4 gloo processes equal the single-process video (tiny A14B checkpoint).
+
+A 48x48, 9-frame request gives 3x3x3 = 27 tokens, so Ulysses over 2 ranks pads one token.
+CFG-parallel computes each pass alone, i.e. what one process computes with ``batch_cfg=False``;
+Ulysses and FSDP keep the batched pass, i.e. the default ``batch_cfg=True``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wanx.distributed import ParallelConfig, run_local
+
+TIMEOUT_S = 300
+REQUEST = dict(prompt="a red circle moving left", size="48*48", frame_num=9, sample_steps=4, seed=42,
+               allow_any_size=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from wanx.testing import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "tiny-t2v", "t2v-A14B")
+
+
+def _single_process(ckpt, batch_cfg: bool) -> torch.Tensor:
+    from wanx import load_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same GEMM blocking, so the same rounding
+    try:
+        pipe = load_pipeline(ckpt, device="cpu", batch_cfg=batch_cfg)
+        return pipe.generate(**REQUEST, progress=False).tensor
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate_worker(out_path: str, ckpt: str, config: ParallelConfig) -> None:
+    import torch.distributed as dist
+
+    from wanx.distributed.launch import broadcast_request, load_parallel_pipeline, run_parallel
+
+    torch.manual_seed(dist.get_rank() if dist.is_initialized() else 0)  # the pipeline must not depend on it
+    pipe = load_parallel_pipeline(ckpt, config=config, device="cpu")
+    req = broadcast_request(pipe.resolve(**{**REQUEST, "seed": 42 if dist.get_rank() == 0 else 7}))
+    video = run_parallel(pipe, req)
+    if dist.get_rank() == 0:
+        torch.save({"video": video.tensor, "metadata": video.metadata}, out_path)
+    else:
+        assert video is None
+
+
+def _compare(tmp_path, ckpt, config: ParallelConfig, ranks: int, batch_cfg: bool) -> float:
+    out = tmp_path / "video.pt"
+    run_local(_generate_worker, ranks, str(out), str(ckpt), config, timeout_s=TIMEOUT_S)
+    got = torch.load(out, weights_only=False)
+    want = _single_process(ckpt, batch_cfg)
+    assert got["video"].shape == want.shape == (3, 9, 48, 48)
+    assert got["metadata"]["seed"] == 42  # rank 0's request reached every rank
+    assert got["metadata"]["parallel"]["world_size"] == ranks
+    return float((got["video"] - want).abs().max() / want.abs().max())
+
+
+CASES = {  # name: (config, ranks, single-process batch_cfg it must equal)
+    "cfg_parallel": (ParallelConfig(cfg_parallel=True), 2, False),
+    "ulysses2": (ParallelConfig(ulysses_size=2), 2, True),
+    "dit_fsdp+t5_fsdp": (ParallelConfig(dit_fsdp=True, t5_fsdp=True), 2, True),
+    "ulysses2+cfg_parallel+dit_fsdp": (ParallelConfig(ulysses_size=2, cfg_parallel=True, dit_fsdp=True), 4, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parallel_generation_equals_one_process(case, tmp_path, tiny_ckpt):
+    config, ranks, batch_cfg = CASES[case]
+    err = _compare(tmp_path, tiny_ckpt, config, ranks, batch_cfg)
+    print(f"{case} on {ranks} ranks vs one process (batch_cfg={batch_cfg}): max relative error {err:.3e}")
+    assert err <= 1e-5
+
+
+def _cancel_worker(out_dir: str, ckpt: str) -> None:
+    import pathlib
+
+    import torch.distributed as dist
+
+    from wanx.distributed.launch import load_parallel_pipeline, run_parallel
+    from wanx.errors import Cancelled
+
+    pipe = load_parallel_pipeline(ckpt, config=ParallelConfig(cfg_parallel=True), device="cpu")
+    steps = []
+
+    def stop_after_two(step, total, entry):  # runs on rank 0 only
+        steps.append(step)
+        if step == 2:
+            raise Cancelled("user pressed stop")
+
+    try:
+        run_parallel(pipe, pipe.resolve(**REQUEST), callback=stop_after_two)
+        outcome = "finished"
+    except Cancelled as e:
+        outcome = f"cancelled: {e}"
+    pathlib.Path(out_dir, f"rank{dist.get_rank()}.txt").write_text(f"{outcome} | steps seen {steps}")
+
+
+def test_a_cancel_on_rank_0_stops_every_rank_at_the_same_step(tmp_path, tiny_ckpt):
+    run_local(_cancel_worker, 2, str(tmp_path), str(tiny_ckpt), timeout_s=TIMEOUT_S)
+    assert (tmp_path / "rank0.txt").read_text() == "cancelled: user pressed stop | steps seen [1, 2]"
+    assert (tmp_path / "rank1.txt").read_text() == "cancelled: cancelled by rank 0 after step 2 | steps seen []"
+
+
+def test_setup_refuses_an_indivisible_head_count_before_joining_or_loading(monkeypatch):
+    from wanx.distributed.launch import setup
+    from wanx.errors import InputError
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(InputError, match="ulysses_size 3 does not divide the model's 2 attention heads"):
+        setup(ParallelConfig(ulysses_size=3), num_heads=2, device="cpu")
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()

@@ -1,0 +1,183 @@
+"""One generation over many processes: ``torchrun --nproc_per_node N -m wanx generate ... --ulysses_size N``.
+
+Every rank loads the (sharded) models, receives rank 0's resolved request (so a random seed and
+the prompt are the same everywhere), draws the same noise and steps the same sampler; only the
+DiT (and, with ``--t5_fsdp``, the text encoder) is split. A cancellation on rank 0 is agreed on
+by all ranks between steps, and only rank 0 decodes and saves.
+
+This module sits above :mod:`wanx.pipelines` (it builds a pipeline); the rest of
+``wanx.distributed`` acts on models only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+
+from ..errors import Cancelled, InputError
+from .groups import (ParallelConfig, build_mesh, check_parallel, env_world, init_process_group, is_main_process,
+                     world_mesh)
+
+# Resolver-style argument name -> CLI flag (for InputError.message_for).
+FLAGS = {"ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel", "dit_fsdp": "--dit_fsdp",
+         "t5_fsdp": "--t5_fsdp", "expert_parallel": "--expert_parallel"}
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """The multi-process flags of ``wanx generate`` (names as the official generate.py where it has them)."""
+    p.add_argument("--ulysses_size", type=int, default=1,
+                   help="split the video tokens over this many processes (Ulysses); must divide the head count")
+    p.add_argument("--cfg_parallel", action="store_true",
+                   help="conditional and unconditional passes on two halves of the processes")
+    p.add_argument("--dit_fsdp", action="store_true", help="shard the DiT weights over all processes (FSDP2)")
+    p.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder over all processes (FSDP2)")
+    p.add_argument("--expert_parallel", action="store_true",
+                   help="A14B: the two experts on two halves of the processes (not available yet)")
+
+
+def parallel_config(args) -> ParallelConfig:
+    if getattr(args, "expert_parallel", False):
+        raise InputError("expert_parallel", "{arg} is not available yet; use --ulysses_size / --cfg_parallel")
+    return ParallelConfig(ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel,
+                          dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
+
+
+def distributed_requested(args) -> bool:
+    """Whether ``wanx generate`` runs under torchrun or with any multi-process flag."""
+    return (env_world()[1] > 1 or getattr(args, "ulysses_size", 1) > 1
+            or any(getattr(args, f, False) for f in ("cfg_parallel", "dit_fsdp", "t5_fsdp", "expert_parallel")))
+
+
+def setup(config: ParallelConfig, num_heads: int, device=None):
+    """Check ``config`` against the launch and the model (before any weight is read), join the group.
+
+    Returns ``(device, mesh)``; the mesh is None in a single process.
+    """
+    world = env_world()[1]
+    check_parallel(config, world, num_heads)
+    device = init_process_group(device)
+    return device, (build_mesh(config, device) if world > 1 else None)
+
+
+def broadcast_request(req):
+    """Rank 0's resolved request on every rank (its seed, prompt, image and output name)."""
+    if not dist.is_initialized():
+        return req
+    box = [req if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _load_expert(path, cfg, config: ParallelConfig, mesh, device, dtype):
+    """One DiT expert, parallelized; with ``dit_fsdp`` built on meta and filled shard by shard."""
+    from ..loading.dit import load_dit
+    from ..model import WanDiT
+    from .fsdp import dit_source, load_shards
+    from .parallelize import parallelize
+
+    if mesh is None:
+        return load_dit(path, dtype=dtype, device=device)
+    if not config.dit_fsdp:
+        return parallelize(load_dit(path, dtype=dtype, device=device), mesh, config)
+    with torch.device("meta"):
+        model = WanDiT(cfg).to(dtype)
+    parallelize(model, mesh, config, fsdp_mesh=world_mesh(device))
+    model.to_empty(device=device)
+    load_shards(model, dit_source(path), dtype, f"DiT {path}")
+    return model.eval().requires_grad_(False)
+
+
+def _text_encoder(layout, dtype, device, config: ParallelConfig):
+    from ..pipelines.loader import _load_text_encoder as load_whole
+    from ..text import TextEncoder, Tokenizer
+    from ..text.umt5 import UMT5Encoder
+    from .fsdp import load_shards, shard_blocks, t5_source
+
+    if not (config.t5_fsdp and dist.is_initialized()):
+        return load_whole(layout, dtype)
+    from ..loading.t5 import infer_t5_config
+
+    source = t5_source(layout.t5_path)
+    cfg = layout.t5_config or infer_t5_config({k: torch.empty(s, device="meta") for k, s in source.shapes.items()})
+    with torch.device("meta"):
+        model = UMT5Encoder(cfg).to(dtype)
+    shard_blocks(model, world_mesh(device))
+    model.to_empty(device=device)
+    load_shards(model, source, dtype, f"T5 encoder {layout.t5_path}")
+    tokenizer = Tokenizer.from_folder(layout.tokenizer_dir, text_len=layout.spec.text_len)
+    return TextEncoder(tokenizer, model.eval().requires_grad_(False), text_len=layout.spec.text_len)
+
+
+def load_parallel_pipeline(ckpt_dir=None, task: str | None = None, config: ParallelConfig = ParallelConfig(), *,
+                           device=None, dtype=None, mesh=None, **options):
+    """:func:`wanx.load_pipeline` for one rank of a multi-process run (call on every rank).
+
+    ``options`` are :class:`~wanx.pipelines.pipeline.PipelineOptions` fields; CFG-parallel needs
+    (and sets) ``batch_cfg=True``. ``mesh`` from :func:`setup`, else set up here.
+    """
+    from ..device import dit_dtype, resolve_dtype
+    from ..pipelines.loader import _load_vae, checkpoint_identity, describe_checkpoint
+    from ..pipelines.pipeline import PipelineOptions, WanPipeline
+
+    layout, facts = describe_checkpoint(ckpt_dir, task)
+    if mesh is None:
+        device, mesh = setup(config, facts.dit.num_heads, device)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    opts = PipelineOptions(**options)
+    if config.cfg_parallel:
+        opts = replace(opts, batch_cfg=True)
+    text_encoder = _text_encoder(layout, dtype, device, config)
+    vae = _load_vae(layout, device)
+    wdtype = dit_dtype(dtype, opts.convert_model_dtype)
+    experts = [_load_expert(p, facts.dit, config, mesh, device, wdtype) for p in layout.dit_paths]
+    pipe = WanPipeline(layout.spec, text_encoder, vae, experts, device=device, options=opts,
+                       checkpoint=checkpoint_identity(layout))
+    pipe.parallel = config
+    return pipe
+
+
+def agreed_callback(callback, device):
+    """A step callback every rank calls: rank 0's callback decides, and all ranks stop together."""
+    def on_step(step: int, total: int, entry) -> None:
+        flag = torch.zeros(1, device=device)
+        error = None
+        if callback is not None and is_main_process():
+            try:
+                callback(step, total, entry)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the ranks agree
+                error, flag[0] = e, 1.0
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a rank that stopped alone would hang the rest
+        if error is not None:
+            raise error
+        if flag.item():
+            raise Cancelled(f"cancelled by rank 0 after step {step}")
+    return on_step
+
+
+@torch.no_grad()
+def run_parallel(pipe, req, *, callback=None, progress: bool = False):
+    """Execute ``req`` on every rank; rank 0 returns the :class:`~wanx.media.Video`, the others None."""
+    from ..media import Video
+    from ..pipelines.denoise import run_plan
+    from ..pipelines.reporting import progress_bar, recipe_for
+
+    main = is_main_process()
+    ctx, ctx_null = pipe.encode_prompts(req.prompt, req.negative_prompt)
+    condition = pipe.prepare_condition(req)
+    plan = pipe.plan(req)
+    with progress_bar(progress and main, len(plan), "denoise") as bar:
+        latent = run_plan(plan, pipe.initial_noise(req, req.latent_grid), condition, pipe.experts, pipe.residency,
+                          ctx, ctx_null, batch_cfg=pipe.options.batch_cfg,
+                          callback=agreed_callback(bar.chain(callback), pipe.device))
+    if not main:
+        return None
+    video = pipe.decode(latent, progress=progress)
+    config = getattr(pipe, "parallel", ParallelConfig())
+    metadata = dict(recipe_for(pipe, req), parallel={**asdict(config), "world_size": env_world()[1]})
+    return Video(tensor=video, fps=pipe.spec.sample_fps, metadata=metadata)

@@ -104,3 +104,48 @@ def test_splits_that_do_not_match_the_launch_are_refused():
     with pytest.raises(InputError, match="does not divide the 2 processes"):
         check_parallel(ParallelConfig(ulysses_size=2, cfg_parallel=True), world_size=2, num_heads=40)
     check_parallel(ParallelConfig(ulysses_size=2, cfg_parallel=True), world_size=4, num_heads=40)
+
+
+def _fsdp_load_worker(out_dir: str, ckpt_dir: str) -> None:
+    import json
+    import pathlib
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from wanx.distributed import fsdp
+    from wanx.distributed.launch import _load_expert, setup
+    from wanx.loading.dit import load_dit
+
+    reads = []
+    rows = fsdp.TensorSource.rows
+    fsdp.TensorSource.rows = lambda self, k, a, b: reads.append((k, a, b, self.shapes[k])) or rows(self, k, a, b)
+    config = ParallelConfig(dit_fsdp=True)
+    _, mesh = setup(config, num_heads=2, device="cpu")
+    whole = load_dit(ckpt_dir)
+    model = _load_expert(ckpt_dir, whole.cfg, config, mesh, torch.device("cpu"), torch.float32)
+    sharded = {k: v for k, v in model.state_dict().items() if isinstance(v, DTensor)}
+    local = sum(v.to_local().numel() for v in sharded.values())
+    total = sum(v.numel() for v in whole.state_dict().values())
+    same = all(torch.equal(v.full_tensor(), whole.state_dict()[k]) for k, v in model.state_dict().items())
+    # rows read beyond a rank's share, ceil(n / 2), of any tensor (0: never more than its share)
+    excess = max((b - a) - -(-shape[0] // 2) for _, a, b, shape in reads if shape)
+    pathlib.Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(
+        {"local": local, "total": total, "same": same, "excess": excess, "reads": len(reads), "sharded": len(sharded),
+         "keys": len(whole.state_dict())}))
+
+
+def test_fsdp_ranks_read_and_hold_only_their_rows(tmp_path):
+    import json
+
+    from wanx.loading.dit import save_dit
+
+    save_dit(_tiny_dit("t2v", 2), tmp_path / "dit", layout="official")
+    run_local(_fsdp_load_worker, 2, str(tmp_path), str(tmp_path / "dit"), timeout_s=TIMEOUT_S)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        print(f"rank {rank}: holds {r['local']} of {r['total']} weights, {r['reads']} row-range reads")
+        assert r["same"]  # the gathered shards are the checkpoint, exactly
+        assert r["sharded"] == r["keys"]  # every tensor is sharded
+        assert r["local"] <= r["total"] / 2 + 1000  # about half (uneven rows round up)
+        assert r["reads"] == r["keys"] and r["excess"] <= 0  # one read per tensor, of this rank's rows only

@@ -181,3 +181,51 @@ def run_parallel(pipe, req, *, callback=None, progress: bool = False):
     config = getattr(pipe, "parallel", ParallelConfig())
     metadata = dict(recipe_for(pipe, req), parallel={**asdict(config), "world_size": env_world()[1]})
     return Video(tensor=video, fps=pipe.spec.sample_fps, metadata=metadata)
+
+
+def _threads_per_rank(threads: int | None) -> int | None:
+    """CPU runs: the cores shared among the ranks of this machine unless ``--threads`` says otherwise."""
+    if threads is not None:
+        return threads
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env_world()[1]))
+    return max(1, (os.cpu_count() or 1) // local) if local > 1 else None
+
+
+def generate_cli(args, layout, req) -> int:
+    """``wanx generate`` under torchrun: what ``cmd_generate`` calls when :func:`distributed_requested`.
+
+    ``layout`` and ``req`` are what the CLI resolved from flags and configs (on every rank; rank
+    0's request wins). Rank 0 saves and prints; every rank returns 0 on success.
+    """
+    import sys
+    import time
+
+    from ..device import configure_cpu_threads
+    from ..model import set_attention_backend
+    from ..pipelines.loader import describe_checkpoint
+
+    config = parallel_config(args)
+    if config.t5_fsdp and args.t5_cpu:
+        raise InputError("t5_fsdp", "{arg} shards the text encoder over the processes' devices; drop --t5_cpu")
+    facts = describe_checkpoint(layout.root, layout.spec.name)[1]
+    device, mesh = setup(config, facts.dit.num_heads, args.device)
+    if device.type == "cpu":
+        configure_cpu_threads(_threads_per_rank(args.threads))
+    if args.attention:
+        set_attention_backend(args.attention)
+    t0 = time.perf_counter()
+    req = broadcast_request(req)
+    pipe = load_parallel_pipeline(layout.root, layout.spec.name, config, device=device, dtype=args.dtype, mesh=mesh,
+                                  offload_model=bool(args.offload_model), t5_cpu=args.t5_cpu,
+                                  convert_model_dtype=args.convert_model_dtype, vae_tiling=args.vae_tiling,
+                                  compile=args.compile)
+    load_s = time.perf_counter() - t0
+    video = run_parallel(pipe, req, progress=sys.stderr.isatty())
+    if video is not None:
+        path = video.save(req.output, overwrite=args.overwrite)
+        print(f"saved {path} ({video.num_frames} frames, {video.size[0]}x{video.size[1]}, seed "
+              f"{video.metadata['seed']}) on {env_world()[1]} processes | load {load_s:.2f}s, "
+              f"total {time.perf_counter() - t0:.2f}s")
+    if dist.is_initialized():
+        dist.barrier()  # nobody leaves (and tears the group down) before rank 0 has saved
+    return 0

@@ -24,14 +24,14 @@ def tiny_ckpt(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "tiny-t2v", "t2v-A14B")
 
 
-def _single_process(ckpt, batch_cfg: bool) -> torch.Tensor:
+def _single_process(ckpt, batch_cfg: bool, **overrides) -> torch.Tensor:
     from wanx import load_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: the same GEMM blocking, so the same rounding
     try:
         pipe = load_pipeline(ckpt, device="cpu", batch_cfg=batch_cfg)
-        return pipe.generate(**REQUEST, progress=False).tensor
+        return pipe.generate(**{**REQUEST, **overrides}, progress=False).tensor
     finally:
         torch.set_num_threads(threads)
 
@@ -120,7 +120,7 @@ def test_setup_refuses_an_indivisible_head_count_before_joining_or_loading(monke
     assert not dist.is_initialized()
 
 
-def _cli_worker(ckpt: str, out: str) -> None:
+def _cli_worker(ckpt: str, out: str, flags: list) -> None:
     import argparse
 
     from wanx.cli import _resolve_generate, add_generate_flags
@@ -131,18 +131,73 @@ def _cli_worker(ckpt: str, out: str) -> None:
     add_distributed_flags(parser)  # the wiring cmd_generate gets
     args = parser.parse_args(["a red circle moving left", "--ckpt_dir", ckpt, "--size", "48*48", "--frame_num", "9",
                               "--sample_steps", "2", "--allow_any_size", "--save_file", out,
-                              "--ulysses_size", "2", "--device", "cpu"])
+                              "--device", "cpu", *flags])
     assert distributed_requested(args)
     layout, req, _ = _resolve_generate(args)
     assert generate_cli(args, layout, req) == 0
 
 
-def test_the_cli_entry_point_saves_one_video_with_its_parallel_recipe(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("flags,recorded", [(["--ulysses_size", "2"], {"ulysses_size": 2}),
+                                            (["--expert_parallel"], {"expert_parallel": True})])
+def test_the_cli_entry_point_saves_one_video_with_its_parallel_recipe(flags, recorded, tmp_path, tiny_ckpt):
     from wanx.media import read_mp4
 
     out = tmp_path / "v.mp4"
-    run_local(_cli_worker, 2, str(tiny_ckpt), str(out), timeout_s=TIMEOUT_S)
+    run_local(_cli_worker, 2, str(tiny_ckpt), str(out), flags, timeout_s=TIMEOUT_S)
     frames, _, metadata = read_mp4(out)
     assert frames.shape == (9, 48, 48, 3)
-    assert metadata["parallel"]["ulysses_size"] == 2 and metadata["parallel"]["world_size"] == 2
+    assert metadata["parallel"]["world_size"] == 2
+    assert {k: metadata["parallel"][k] for k in recorded} == recorded
     assert not [p for p in tmp_path.iterdir() if p.name != "v.mp4"]  # no partial files left
+
+
+def _expert_parallel_worker(out_path: str, ckpt: str) -> None:
+    import json
+    import pathlib
+    import time
+
+    import torch.distributed as dist
+
+    from wanx.distributed import experts
+    from wanx.distributed.launch import broadcast_request
+
+    pipe, stage = experts.load_stage_pipeline(ckpt, device="cpu")
+    assert isinstance(pipe.experts[1 - stage], experts.AbsentExpert)  # the other expert is not loaded here
+    requests = [broadcast_request(pipe.resolve(**{**REQUEST, "seed": s})) for s in (42, 43, 44)]
+    starts, done = [], {}
+    prepare = experts._prepare
+    experts._prepare = lambda p, r: starts.append(time.time()) or prepare(p, r)
+    videos = experts.run_expert_parallel(pipe, requests, on_video=lambda i, v: done.setdefault(i, time.time()))
+    pathlib.Path(out_path + f".rank{dist.get_rank()}.json").write_text(json.dumps({"starts": starts, "done": done}))
+    if videos:
+        torch.save([v.tensor for v in videos], out_path)
+
+
+def test_expert_parallel_two_stages_equal_one_process_and_overlap(tmp_path, tiny_ckpt):
+    import json
+
+    out = tmp_path / "videos.pt"
+    run_local(_expert_parallel_worker, 2, str(out), str(tiny_ckpt), timeout_s=TIMEOUT_S)
+    got = torch.load(out)
+    for video, seed in zip(got, (42, 43, 44), strict=True):
+        want = _single_process(tiny_ckpt, True, seed=seed)
+        err = float((video - want).abs().max() / want.abs().max())
+        print(f"expert-parallel video seed {seed}: max relative error {err:.3e}")
+        assert err <= 1e-5
+    high = json.loads((tmp_path / "videos.pt.rank0.json").read_text())
+    low = json.loads((tmp_path / "videos.pt.rank1.json").read_text())
+    # the high-noise stage started video 1 before the low-noise stage had finished video 0
+    assert high["starts"][1] < low["done"]["0"]
+
+
+def test_expert_parallel_refuses_flags_it_cannot_combine_with():
+    import argparse
+
+    from wanx.distributed.launch import add_distributed_flags, parallel_config
+    from wanx.errors import InputError
+
+    parser = argparse.ArgumentParser()
+    add_distributed_flags(parser)
+    with pytest.raises(InputError, match="takes no --ulysses_size"):
+        parallel_config(parser.parse_args(["--expert_parallel", "--cfg_parallel"]))
+    assert parallel_config(parser.parse_args(["--expert_parallel"])) == ParallelConfig()

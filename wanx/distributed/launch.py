@@ -36,12 +36,15 @@ def add_distributed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dit_fsdp", action="store_true", help="shard the DiT weights over all processes (FSDP2)")
     p.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder over all processes (FSDP2)")
     p.add_argument("--expert_parallel", action="store_true",
-                   help="A14B: the two experts on two halves of the processes (not available yet)")
+                   help="A14B: each expert resident on one half of the processes (Ulysses inside each half)")
 
 
 def parallel_config(args) -> ParallelConfig:
-    if getattr(args, "expert_parallel", False):
-        raise InputError("expert_parallel", "{arg} is not available yet; use --ulysses_size / --cfg_parallel")
+    if getattr(args, "expert_parallel", False) and (args.cfg_parallel or args.dit_fsdp or args.t5_fsdp
+                                                    or args.ulysses_size > 1):
+        raise InputError("expert_parallel", "{arg} splits the processes into two stages, each splitting its "
+                                            "tokens over its half; it takes no --ulysses_size, --cfg_parallel, "
+                                            "--dit_fsdp or --t5_fsdp")
     return ParallelConfig(ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel,
                           dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
 
@@ -205,6 +208,8 @@ def generate_cli(args, layout, req) -> int:
     from ..pipelines.loader import describe_checkpoint
 
     config = parallel_config(args)
+    if args.expert_parallel:
+        return _generate_expert_parallel(args, layout, req)
     if config.t5_fsdp and args.t5_cpu:
         raise InputError("t5_fsdp", "{arg} shards the text encoder over the processes' devices; drop --t5_cpu")
     facts = describe_checkpoint(layout.root, layout.spec.name)[1]
@@ -228,4 +233,27 @@ def generate_cli(args, layout, req) -> int:
               f"total {time.perf_counter() - t0:.2f}s")
     if dist.is_initialized():
         dist.barrier()  # nobody leaves (and tears the group down) before rank 0 has saved
+    return 0
+
+
+def _generate_expert_parallel(args, layout, req) -> int:
+    """``--expert_parallel``: the first rank of the low-noise stage decodes and saves."""
+    from .experts import load_stage_pipeline, run_expert_parallel
+
+    pipe, _ = load_stage_pipeline(layout.root, layout.spec.name, device=args.device, dtype=args.dtype,
+                                  t5_cpu=args.t5_cpu, convert_model_dtype=args.convert_model_dtype,
+                                  vae_tiling=args.vae_tiling)
+    if pipe.device.type == "cpu":
+        from ..device import configure_cpu_threads
+
+        configure_cpu_threads(_threads_per_rank(args.threads))
+    req = broadcast_request(req)
+
+    def save(index: int, video) -> None:
+        path = video.save(req.output, overwrite=args.overwrite)
+        print(f"saved {path} ({video.num_frames} frames, seed {video.metadata['seed']}) on "
+              f"{env_world()[1]} processes, expert-parallel")
+
+    run_expert_parallel(pipe, [req], on_video=save)
+    dist.barrier()
     return 0

@@ -8,6 +8,9 @@ batch of two (batched CFG) and i2v's extra channels.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,11 +33,11 @@ def _inputs(cfg: DiTConfig, grid: tuple[int, int, int], batch: int, per_token: b
     return x, ts, context, y
 
 
-def _tiny_dit(model_type: str, num_heads: int):
+def _tiny_dit(model_type: str, num_heads: int, dim: int = 64):
     from wanx.model import WanDiT
 
     torch.manual_seed(0)
-    cfg = DiTConfig.tiny(model_type, num_heads=num_heads)
+    cfg = DiTConfig.tiny(model_type, num_heads=num_heads, dim=dim)
     model = WanDiT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -149,3 +152,90 @@ def test_fsdp_ranks_read_and_hold_only_their_rows(tmp_path):
         assert r["sharded"] == r["keys"]  # every tensor is sharded
         assert r["local"] <= r["total"] / 2 + 1000  # about half (uneven rows round up)
         assert r["reads"] == r["keys"] and r["excess"] <= 0  # one read per tensor, of this rank's rows only
+
+
+# ---------------------------------------------------------------------------------------------------
+# Three-way parity: wanx Ulysses == the official sp_dit_forward (run on gloo) == wanx in one process.
+
+OFFICIAL_SRC = Path(os.environ.get("WANX_OFFICIAL_SRC", Path(__file__).resolve().parents[1] / ".venv" / "reference"
+                                   / "wan"))
+
+
+def _official_sp_modules():
+    """The official model and sequence-parallel modules, loaded without the package inits (heavy imports)."""
+    import importlib.util
+    import sys
+    import types
+
+    for pkg, sub in (("_wansp", ""), ("_wansp.modules", "modules"), ("_wansp.distributed", "distributed")):
+        if pkg not in sys.modules:
+            module = types.ModuleType(pkg)
+            module.__path__ = [str(OFFICIAL_SRC / sub)]
+            sys.modules[pkg] = module
+    for name in ("modules.attention", "modules.model", "distributed.util", "distributed.ulysses",
+                 "distributed.sequence_parallel"):
+        full = f"_wansp.{name}"
+        if full not in sys.modules:
+            spec = importlib.util.spec_from_file_location(full, OFFICIAL_SRC / (name.replace(".", "/") + ".py"))
+            sys.modules[full] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[full])
+    return (sys.modules["_wansp.modules.model"], sys.modules["_wansp.distributed.ulysses"],
+            sys.modules["_wansp.distributed.sequence_parallel"])
+
+
+def _official_worker(out_path: str, grid, heads: int, dim: int) -> None:
+    import functools
+    import math
+    import types
+
+    import torch.distributed as dist
+
+    from wanx.distributed import apply_ulysses, init_process_group
+    from wanx.model.attention import attention
+
+    init_process_group("cpu")  # gloo first, so the official init (nccl) is never reached
+    model_mod, ulysses_mod, sp_mod = _official_sp_modules()
+
+    def fp32_attention(q, k, v, k_lens=None, **kw):  # the official flash_attention, k_lens as a key mask
+        if k_lens is None:
+            return attention(q, k, v)
+        keep = torch.arange(k.shape[1])[None, :] < k_lens[:, None]
+        return attention(q, k, v, bias=torch.where(keep, 0.0, float("-inf"))[:, None, None, :])
+
+    ulysses_mod.flash_attention = model_mod.flash_attention = fp32_attention  # self- and cross-attention
+    ours = _tiny_dit("t2v", heads, dim)
+    ref = model_mod.WanModel(**ours.cfg.to_dict()).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.forward = types.MethodType(sp_mod.sp_dit_forward, ref)
+    for block in ref.blocks:  # dtype fp32: the official bf16 cast needs CUDA autocast around `o`
+        block.self_attn.forward = types.MethodType(functools.partial(sp_mod.sp_attn_forward, dtype=torch.float32),
+                                                   block.self_attn)
+    x, t, context, _ = _inputs(ours.cfg, grid, 1, False)
+    tokens = math.prod(g // p for g, p in zip(grid, ours.cfg.patch_size))
+    seq_len = math.ceil(tokens / dist.get_world_size()) * dist.get_world_size()
+    with torch.no_grad():
+        whole = ours(x, t, context)
+        official = ref([x[0]], t, [context[0, :5]], seq_len=seq_len)[0][None]
+        split = apply_ulysses(ours, dist.group.WORLD)(x, t, context)
+    if dist.get_rank() == 0:
+        torch.save({"whole": whole, "official": official, "split": split}, out_path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("ranks,heads,dim,grid", [(2, 2, 64, (3, 2, 6)),  # 9 tokens: 1 padded
+                                                  (3, 6, 96, (5, 2, 4))])  # 10 tokens: 2 padded
+def test_ulysses_matches_the_official_sequence_parallel_code(ranks, heads, dim, grid, tmp_path):
+    if not (OFFICIAL_SRC / "distributed" / "sequence_parallel.py").is_file():
+        message = f"official Wan source not found at {OFFICIAL_SRC} (`bash scripts/setup.sh all` fetches it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    pytest.importorskip("diffusers")
+    out = tmp_path / "out.pt"
+    run_local(_official_worker, ranks, str(out), grid, heads, dim, timeout_s=TIMEOUT_S)
+    res = torch.load(out)
+    vs_official = _rel_err(res["split"], res["official"])
+    vs_whole = _rel_err(res["split"], res["whole"])
+    print(f"{ranks} ranks: wanx Ulysses vs official SP {vs_official:.3e}, vs wanx one process {vs_whole:.3e}")
+    assert res["official"].abs().max() > 0.1
+    assert vs_official <= 1e-5 and vs_whole <= 1e-5

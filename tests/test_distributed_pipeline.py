@@ -24,6 +24,17 @@ def tiny_ckpt(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "tiny-t2v", "t2v-A14B")
 
 
+@pytest.fixture(scope="module")
+def tiny_i2v_ckpt(tmp_path_factory):
+    from wanx.testing import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("dist") / "tiny-i2v", "i2v-A14B")
+
+
+def _image() -> torch.Tensor:
+    return torch.linspace(-1, 1, 3 * 48 * 48).reshape(3, 48, 48)  # a [3, H, W] image in [-1, 1]
+
+
 def _single_process(ckpt, batch_cfg: bool, **overrides) -> torch.Tensor:
     from wanx import load_pipeline
 
@@ -36,14 +47,14 @@ def _single_process(ckpt, batch_cfg: bool, **overrides) -> torch.Tensor:
         torch.set_num_threads(threads)
 
 
-def _generate_worker(out_path: str, ckpt: str, config: ParallelConfig) -> None:
+def _generate_worker(out_path: str, ckpt: str, config: ParallelConfig, extra: dict) -> None:
     import torch.distributed as dist
 
     from wanx.distributed.launch import broadcast_request, load_parallel_pipeline, run_parallel
 
     torch.manual_seed(dist.get_rank() if dist.is_initialized() else 0)  # the pipeline must not depend on it
     pipe = load_parallel_pipeline(ckpt, config=config, device="cpu")
-    req = broadcast_request(pipe.resolve(**{**REQUEST, "seed": 42 if dist.get_rank() == 0 else 7}))
+    req = broadcast_request(pipe.resolve(**{**REQUEST, **extra, "seed": 42 if dist.get_rank() == 0 else 7}))
     video = run_parallel(pipe, req)
     if dist.get_rank() == 0:
         torch.save({"video": video.tensor, "metadata": video.metadata}, out_path)
@@ -51,11 +62,11 @@ def _generate_worker(out_path: str, ckpt: str, config: ParallelConfig) -> None:
         assert video is None
 
 
-def _compare(tmp_path, ckpt, config: ParallelConfig, ranks: int, batch_cfg: bool) -> float:
+def _compare(tmp_path, ckpt, config: ParallelConfig, ranks: int, batch_cfg: bool, **extra) -> float:
     out = tmp_path / "video.pt"
-    run_local(_generate_worker, ranks, str(out), str(ckpt), config, timeout_s=TIMEOUT_S)
+    run_local(_generate_worker, ranks, str(out), str(ckpt), config, extra, timeout_s=TIMEOUT_S)
     got = torch.load(out, weights_only=False)
-    want = _single_process(ckpt, batch_cfg)
+    want = _single_process(ckpt, batch_cfg, **extra)
     assert got["video"].shape == want.shape == (3, 9, 48, 48)
     assert got["metadata"]["seed"] == 42  # rank 0's request reached every rank
     assert got["metadata"]["parallel"]["world_size"] == ranks
@@ -75,6 +86,12 @@ def test_parallel_generation_equals_one_process(case, tmp_path, tiny_ckpt):
     config, ranks, batch_cfg = CASES[case]
     err = _compare(tmp_path, tiny_ckpt, config, ranks, batch_cfg)
     print(f"{case} on {ranks} ranks vs one process (batch_cfg={batch_cfg}): max relative error {err:.3e}")
+    assert err <= 1e-5
+
+
+def test_i2v_image_channels_follow_the_cfg_split(tmp_path, tiny_i2v_ckpt):
+    err = _compare(tmp_path, tiny_i2v_ckpt, ParallelConfig(cfg_parallel=True), 2, False, image=_image())
+    print(f"i2v cfg_parallel on 2 ranks vs one process: max relative error {err:.3e}")
     assert err <= 1e-5
 
 

@@ -98,10 +98,11 @@ def test_a_head_count_the_group_cannot_split_is_refused_before_loading():
 
 
 def test_splits_that_do_not_match_the_launch_are_refused():
-    with pytest.raises(InputError, match="need several processes"):
+    with pytest.raises(InputError, match="^ulysses_size needs several processes"):
         check_parallel(ParallelConfig(ulysses_size=2), world_size=1, num_heads=40)
-    with pytest.raises(InputError, match="need several processes"):
+    with pytest.raises(InputError, match="^dit_fsdp needs several processes") as e:
         check_parallel(ParallelConfig(dit_fsdp=True), world_size=1, num_heads=40)
+    assert e.value.message_for({"dit_fsdp": "--dit_fsdp"}).startswith("--dit_fsdp needs several processes")
     with pytest.raises(InputError, match="does not divide the 6 processes"):
         check_parallel(ParallelConfig(ulysses_size=4), world_size=6, num_heads=40)
     with pytest.raises(InputError, match="does not divide the 2 processes"):

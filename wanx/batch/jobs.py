@@ -2,8 +2,8 @@
 
 A line holds :meth:`WanPipeline.generate` arguments (``prompt``, ``size``, ``seed``, ...; the CLI
 spellings ``sample_guide_scale`` and ``base_seed`` are accepted too), optionally ``id`` (the output
-file stem; default ``job-<line>``), ``ckpt_dir`` and ``task`` (default: the batch's), so one
-batch can mix tasks and checkpoints. Relative image paths are read from the batch file's folder.
+file stem; default ``job-<line>``, so give ids when lines may move between reruns), ``ckpt_dir``
+and ``task`` (default: the batch's), so one batch can mix tasks and checkpoints. Relative image paths are read from the batch file's folder.
 Each line is resolved by :func:`wanx.request.resolve_request` against its checkpoint's configs;
 a line that does not resolve becomes a failed job and the others go on.
 """

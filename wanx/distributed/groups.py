@@ -43,10 +43,10 @@ def check_parallel(config: ParallelConfig, world_size: int, num_heads: int) -> N
     """Refuse a split that cannot run, before any weight is read (``wanx.InputError``)."""
     if config.ulysses_size < 1:
         raise InputError("ulysses_size", f"{{arg}} must be >= 1, got {config.ulysses_size}")
-    if world_size == 1 and (config.ulysses_size > 1 or config.cfg_parallel or config.dit_fsdp
-                            or config.t5_fsdp):
-        raise InputError("ulysses_size", "{arg}, cfg_parallel, dit_fsdp and t5_fsdp need several processes; "
-                                         "launch with torchrun --nproc_per_node N")
+    wanted = [name for name, on in (("ulysses_size", config.ulysses_size > 1), ("cfg_parallel", config.cfg_parallel),
+                                    ("dit_fsdp", config.dit_fsdp), ("t5_fsdp", config.t5_fsdp)) if on]
+    if world_size == 1 and wanted:
+        raise InputError(wanted[0], "{arg} needs several processes; launch with torchrun --nproc_per_node N")
     if world_size % config.split_size:
         raise InputError("ulysses_size", f"{{arg}} {config.ulysses_size} x cfg {config.cfg_size} = "
                                          f"{config.split_size} ranks does not divide the {world_size} "

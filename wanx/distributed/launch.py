@@ -212,6 +212,9 @@ def generate_cli(args, layout, req) -> int:
         return _generate_expert_parallel(args, layout, req)
     if config.t5_fsdp and args.t5_cpu:
         raise InputError("t5_fsdp", "{arg} shards the text encoder over the processes' devices; drop --t5_cpu")
+    if args.offload_model and (config.dit_fsdp or config.t5_fsdp):
+        raise InputError("offload_model", "{arg} cannot move sharded (FSDP) models; each rank keeps only its "
+                                          "shard on its device anyway")
     facts = describe_checkpoint(layout.root, layout.spec.name)[1]
     device, mesh = setup(config, facts.dit.num_heads, args.device)
     if device.type == "cpu":

@@ -218,3 +218,44 @@ def test_expert_parallel_refuses_flags_it_cannot_combine_with():
     with pytest.raises(InputError, match="takes no --ulysses_size"):
         parallel_config(parser.parse_args(["--expert_parallel", "--cfg_parallel"]))
     assert parallel_config(parser.parse_args(["--expert_parallel"])) == ParallelConfig()
+
+
+TORCHRUN_SCRIPT = """
+import argparse, sys
+from wanx.cli import _resolve_generate, add_generate_flags
+from wanx.distributed.launch import add_distributed_flags, generate_cli
+
+parser = argparse.ArgumentParser()
+add_generate_flags(parser)
+add_distributed_flags(parser)
+args = parser.parse_args(sys.argv[1:])
+layout, req, _ = _resolve_generate(args)
+sys.exit(generate_cli(args, layout, req))
+"""
+
+
+def test_a_real_torchrun_launch_cfg_parallel_with_fsdp(tmp_path, tiny_ckpt):
+    """What ``torchrun --nproc_per_node 2 -m wanx generate ...`` will run once the CLI calls generate_cli."""
+    import os
+    import subprocess
+    import sys
+
+    from wanx.distributed.local import free_port
+    from wanx.media import read_mp4
+
+    script = tmp_path / "gen.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+           "a red circle moving left", "--ckpt_dir", str(tiny_ckpt), "--size", "48*48", "--frame_num", "9",
+           "--sample_steps", "2", "--allow_any_size", "--save_file", str(out), "--device", "cpu",
+           "--cfg_parallel", "--dit_fsdp", "--base_seed", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved ") == 1  # rank 0 alone saves and prints
+    frames, _, metadata = read_mp4(out)
+    assert frames.shape == (9, 48, 48, 3) and metadata["seed"] == 5
+    assert metadata["parallel"] == {"ulysses_size": 1, "cfg_parallel": True, "dit_fsdp": True, "t5_fsdp": False,
+                                    "world_size": 2}

@@ -240,3 +240,19 @@ def test_ulysses_matches_the_official_sequence_parallel_code(ranks, heads, dim, 
     print(f"{ranks} ranks: wanx Ulysses vs official SP {vs_official:.3e}, vs wanx one process {vs_whole:.3e}")
     assert res["official"].abs().max() > 0.1
     assert vs_official <= 1e-5 and vs_whole <= 1e-5
+
+
+def test_the_cli_flags_import_without_torch():
+    """``wanx --help`` must not pay for torch: the flag modules the CLI imports stay light."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json, argparse\nfrom wanx.distributed.flags import add_distributed_flags\n"
+            "from wanx.batch.cli import add_batch_flags\nimport wanx.distributed\n"
+            "p = argparse.ArgumentParser(); add_distributed_flags(p)\n"
+            "print(json.dumps([m for m in sys.modules if m == 'torch' or m.startswith('torch.')]))")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []

@@ -11,7 +11,6 @@ This module sits above :mod:`wanx.pipelines` (it builds a pipeline); the rest of
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import asdict, replace
 
@@ -19,24 +18,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Cancelled, InputError
+from .flags import FLAGS, add_distributed_flags, distributed_requested  # noqa: F401 - re-exported
 from .groups import (ParallelConfig, build_mesh, check_parallel, env_world, init_process_group, is_main_process,
                      world_mesh)
-
-# Resolver-style argument name -> CLI flag (for InputError.message_for).
-FLAGS = {"ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel", "dit_fsdp": "--dit_fsdp",
-         "t5_fsdp": "--t5_fsdp", "expert_parallel": "--expert_parallel"}
-
-
-def add_distributed_flags(p: argparse.ArgumentParser) -> None:
-    """The multi-process flags of ``wanx generate`` (names as the official generate.py where it has them)."""
-    p.add_argument("--ulysses_size", type=int, default=1,
-                   help="split the video tokens over this many processes (Ulysses); must divide the head count")
-    p.add_argument("--cfg_parallel", action="store_true",
-                   help="conditional and unconditional passes on two halves of the processes")
-    p.add_argument("--dit_fsdp", action="store_true", help="shard the DiT weights over all processes (FSDP2)")
-    p.add_argument("--t5_fsdp", action="store_true", help="shard the text encoder over all processes (FSDP2)")
-    p.add_argument("--expert_parallel", action="store_true",
-                   help="A14B: each expert resident on one half of the processes (Ulysses inside each half)")
 
 
 def parallel_config(args) -> ParallelConfig:
@@ -47,12 +31,6 @@ def parallel_config(args) -> ParallelConfig:
                                             "--dit_fsdp or --t5_fsdp")
     return ParallelConfig(ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel,
                           dit_fsdp=args.dit_fsdp, t5_fsdp=args.t5_fsdp)
-
-
-def distributed_requested(args) -> bool:
-    """Whether ``wanx generate`` runs under torchrun or with any multi-process flag."""
-    return (env_world()[1] > 1 or getattr(args, "ulysses_size", 1) > 1
-            or any(getattr(args, f, False) for f in ("cfg_parallel", "dit_fsdp", "t5_fsdp", "expert_parallel")))
 
 
 def setup(config: ParallelConfig, num_heads: int, device=None):

@@ -47,12 +47,16 @@ def run_on_ray(jobs: list, outputs: Outputs, *, address: str, workers: int | Non
     if started:
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  log_to_driver=False)
+    pool = []
     try:
         cls, kwargs, count = _actor_class(ray, runner_kwargs, workers)
-        pool = [cls.remote(**kwargs) for _ in range(min(count, max(1, len(jobs))))]
+        pool += [cls.remote(**kwargs) for _ in range(min(count, max(1, len(jobs))))]
         _drain(ray, deque((job, 1) for job in jobs), pool, lambda: cls.remote(**kwargs), outputs, retries,
                tick, on_dispatch)
     finally:
+        for actor in pool:  # free the devices now, also on a cluster that outlives this batch
+            if actor is not None:
+                ray.kill(actor)
         if started:
             ray.shutdown()
 
@@ -66,6 +70,8 @@ def _drain(ray, queue: deque, pool: list, respawn: Callable, outputs: Outputs, r
     while queue or running:
         while queue and idle:
             (job, attempt), i = queue.popleft(), idle.pop()
+            if pool[i] is None:  # replaced only when there is work for it
+                pool[i] = respawn()
             ref = pool[i].run.remote(job.model, job.request)
             running[ref] = (job, attempt, i)
             if on_dispatch is not None:
@@ -76,7 +82,7 @@ def _drain(ray, queue: deque, pool: list, respawn: Callable, outputs: Outputs, r
         try:
             outputs.success(job, ray.get(ref))
         except RayActorError as e:  # the worker died under the job: not the job's fault
-            pool[i] = respawn()
+            pool[i] = None
             if attempt <= retries:
                 outputs.report.retried.append(job.id)
                 queue.appendleft((job, attempt + 1))

@@ -259,3 +259,20 @@ def test_a_real_torchrun_launch_cfg_parallel_with_fsdp(tmp_path, tiny_ckpt):
     assert frames.shape == (9, 48, 48, 3) and metadata["seed"] == 5
     assert metadata["parallel"] == {"ulysses_size": 1, "cfg_parallel": True, "dit_fsdp": True, "t5_fsdp": False,
                                     "world_size": 2}
+
+
+def test_flags_the_parallel_loaders_do_not_handle_yet_are_refused_before_anything(tiny_ckpt):
+    import argparse
+
+    from wanx.cli import _resolve_generate, add_generate_flags
+    from wanx.distributed.launch import add_distributed_flags, generate_cli
+    from wanx.errors import InputError
+
+    parser = argparse.ArgumentParser()
+    add_generate_flags(parser)
+    add_distributed_flags(parser)
+    args = parser.parse_args(["x", "--ckpt_dir", str(tiny_ckpt), "--ulysses_size", "2", "--quantize", "int8",
+                              "--save_file", "unused.mp4"])
+    layout, req, _ = _resolve_generate(args)
+    with pytest.raises(InputError, match="^quantize is not supported in multi-process runs yet"):
+        generate_cli(args, layout, req)

@@ -7,7 +7,8 @@ import os
 
 # Argument name -> CLI flag (for InputError.message_for).
 FLAGS = {"ulysses_size": "--ulysses_size", "cfg_parallel": "--cfg_parallel", "dit_fsdp": "--dit_fsdp",
-         "t5_fsdp": "--t5_fsdp", "expert_parallel": "--expert_parallel", "offload_model": "--offload_model"}
+         "t5_fsdp": "--t5_fsdp", "expert_parallel": "--expert_parallel", "offload_model": "--offload_model",
+         "lora": "--lora"}
 
 
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:

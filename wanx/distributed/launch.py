@@ -164,6 +164,9 @@ def run_parallel(pipe, req, *, callback=None, progress: bool = False):
     return Video(tensor=video, fps=pipe.spec.sample_fps, metadata=metadata)
 
 
+UNSUPPORTED = ("dit_files", "quantize", "t5_quantize", "lora")
+
+
 def _threads_per_rank(threads: int | None) -> int | None:
     """CPU runs: the cores shared among the ranks of this machine unless ``--threads`` says otherwise."""
     if threads is not None:
@@ -185,6 +188,9 @@ def generate_cli(args, layout, req) -> int:
     from ..model import set_attention_backend
     from ..pipelines.loader import describe_checkpoint
 
+    for name in UNSUPPORTED:  # flags whose loaders do not build sharded/split models yet
+        if getattr(args, name, None):
+            raise InputError(name, "{arg} is not supported in multi-process runs yet")
     config = parallel_config(args)
     if args.expert_parallel:
         return _generate_expert_parallel(args, layout, req)

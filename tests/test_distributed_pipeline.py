@@ -150,7 +150,7 @@ def _cli_worker(ckpt: str, out: str, flags: list) -> None:
                               "--sample_steps", "2", "--allow_any_size", "--save_file", out,
                               "--device", "cpu", *flags])
     assert distributed_requested(args)
-    layout, req, _ = _resolve_generate(args)
+    layout, req, *_ = _resolve_generate(args)  # (layout, req, device[, loras])
     assert generate_cli(args, layout, req) == 0
 
 
@@ -229,7 +229,7 @@ parser = argparse.ArgumentParser()
 add_generate_flags(parser)
 add_distributed_flags(parser)
 args = parser.parse_args(sys.argv[1:])
-layout, req, _ = _resolve_generate(args)
+layout, req, *_ = _resolve_generate(args)  # (layout, req, device[, loras])
 sys.exit(generate_cli(args, layout, req))
 """
 
@@ -273,6 +273,6 @@ def test_flags_the_parallel_loaders_do_not_handle_yet_are_refused_before_anythin
     add_distributed_flags(parser)
     args = parser.parse_args(["x", "--ckpt_dir", str(tiny_ckpt), "--ulysses_size", "2", "--quantize", "int8",
                               "--save_file", "unused.mp4"])
-    layout, req, _ = _resolve_generate(args)
+    layout, req, *_ = _resolve_generate(args)  # (layout, req, device[, loras])
     with pytest.raises(InputError, match="^quantize is not supported in multi-process runs yet"):
         generate_cli(args, layout, req)

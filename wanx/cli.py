@@ -38,6 +38,13 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative_prompt", "image": 
          "dit_files": "--dit_files", "lora": "--lora"}
 
 
+def _flag_names() -> dict[str, str]:
+    from .batch.cli import FLAGS as BATCH
+    from .distributed.flags import FLAGS as DISTRIBUTED
+
+    return {**FLAGS, **DISTRIBUTED, **BATCH}
+
+
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -97,25 +104,33 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boundary", type=float, default=None,
                    help="expert switch as a ratio of 1000 timesteps in [0, 1] (0.875: high-noise while t >= 875)")
     p.add_argument("--base_seed", type=int, default=-1, help="seed in [0, 2^64); -1 picks a random one")
+    add_memory_flags(p)
+    p.add_argument("--save_file", default=None,
+                   help="output .mp4; default: <task>_<W>x<H>_<prompt>_<time>.mp4 in the current folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --save_file if it exists")
+    p.add_argument("--allow_any_size", action="store_true",
+                   help="accept sizes outside the task's official list (must still divide the stride)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH][@high|@low]",
+                   help="apply a LoRA file (any format in the wild); repeat for several; @high/@low: one expert")
+    p.add_argument("--lora_mode", default="fuse", choices=LORA_MODES,
+                   help="fuse (merged into the weights) or live (unmerged: switchable per step, quantized weights)")
+    from .prompts import add_prompt_extend_flags
+
+    add_prompt_extend_flags(p)
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """Where models live, which precision, which kernels: the speed and memory flags of ``generate``."""
     p.add_argument("--offload_model", type=_bool, default=None,
                    help="True/False: keep inactive models on the CPU (default: True on a single GPU)")
     p.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")
     p.add_argument("--convert_model_dtype", action="store_true", help="convert the DiT to bfloat16")
-    p.add_argument("--save_file", default=None,
-                   help="output .mp4; default: <task>_<W>x<H>_<prompt>_<time>.mp4 in the current folder")
-    p.add_argument("--overwrite", action="store_true", help="replace --save_file if it exists")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="DiT/text-encoder compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: all cores; idle threads sleep: OMP_WAIT_POLICY=PASSIVE)")
-    p.add_argument("--allow_any_size", action="store_true",
-                   help="accept sizes outside the task's official list (must still divide the stride)")
     p.add_argument("--attention", default=None, choices=ATTENTION, help=f"attention backend: {', '.join(ATTENTION)}")
-    p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH][@high|@low]",
-                   help="apply a LoRA file (any format in the wild); repeat for several; @high/@low: one expert")
-    p.add_argument("--lora_mode", default="fuse", choices=LORA_MODES,
-                   help="fuse (merged into the weights) or live (unmerged: switchable per step, quantized weights)")
     p.add_argument("--dit_files", nargs="+", default=None, metavar="FILE",
                    help="the DiT as single files (two-expert tasks: high-noise then low-noise): GGUF, fp8/int8 "
                         "or plain safetensors; umT5, VAE and tokenizer from --ckpt_dir")
@@ -124,9 +139,9 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles to bound memory")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (slower first step, faster after; needs a C++ compiler on CPU)")
-    from .prompts import add_prompt_extend_flags
+    from .distributed.flags import add_distributed_flags  # torch-free
 
-    add_prompt_extend_flags(p)
+    add_distributed_flags(p)
 
 
 def _verbose_parent() -> argparse.ArgumentParser:
@@ -158,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dit: write a quantized single file (int8/fp8 .safetensors, q8_0 .gguf)")
     conv.add_argument("--to", default=None, choices=LORA_TARGETS,
                       help=f"lora: the key format to write: {', '.join(LORA_TARGETS)}")
+    from .batch.cli import add_batch_flags  # torch-free
+
+    add_batch_flags(sub.add_parser("batch", help="generate many videos from a .jsonl (in-process or on Ray)",
+                                   parents=[verbose]))
     from .serve import add_serve_parser
 
     add_serve_parser(sub, parents=[verbose])
@@ -254,6 +273,12 @@ def cmd_generate(args) -> int:
     from .model import set_attention_backend
 
     layout, req, device, loras = _resolve_generate(args)
+    from .distributed.flags import distributed_requested
+
+    if distributed_requested(args):
+        from .distributed.launch import generate_cli
+
+        return generate_cli(args, layout, req)
     configure_cpu_threads(args.threads)
     if args.attention:
         set_attention_backend(args.attention)
@@ -336,6 +361,12 @@ def _convert_file(kind: str, src: Path, tmp: Path) -> None:
         save_t5(load_t5(src), tmp)
 
 
+def _cmd_batch(args) -> int:
+    from .batch.cli import cmd_batch
+
+    return cmd_batch(args)
+
+
 def _cmd_serve(args) -> int:
     from .serve import cmd_serve
 
@@ -355,7 +386,7 @@ def _user_error(e: BaseException) -> str | None:
     from .lora.errors import LoraError
 
     if isinstance(e, InputError):
-        return e.message_for(FLAGS)
+        return e.message_for(_flag_names())
     if isinstance(e, LoraError):
         return str(e)
     if isinstance(e, (UsageError, CheckpointError, GenerationError, FileExistsError, FileNotFoundError,
@@ -371,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
-    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train, "serve": _cmd_serve,
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train, "serve": _cmd_serve, "batch": _cmd_batch,
                 "lora": lambda a: a.lora_handler(a)}
     try:
         return handlers[args.command](args)

@@ -21,7 +21,8 @@ def add_batch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt_dir", default=None, help="checkpoint for lines without ckpt_dir (default: the demo)")
     p.add_argument("--task", default=None, help="task for lines without task")
     p.add_argument("--device", default=None, help="in-process runs: cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="DiT/text-encoder compute dtype: float32, bfloat16, float16 (default: per device)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker")
     p.add_argument("--offload_model", action="store_true", help="keep inactive models on the CPU")
     p.add_argument("--t5_cpu", action="store_true", help="run the text encoder on the CPU")

@@ -141,11 +141,10 @@ def _cli_worker(ckpt: str, out: str, flags: list) -> None:
     import argparse
 
     from wanx.cli import _resolve_generate, add_generate_flags
-    from wanx.distributed.launch import add_distributed_flags, distributed_requested, generate_cli
+    from wanx.distributed.launch import distributed_requested, generate_cli
 
     parser = argparse.ArgumentParser()
-    add_generate_flags(parser)
-    add_distributed_flags(parser)  # the wiring cmd_generate gets
+    add_generate_flags(parser)  # includes the distributed flags
     args = parser.parse_args(["a red circle moving left", "--ckpt_dir", ckpt, "--size", "48*48", "--frame_num", "9",
                               "--sample_steps", "2", "--allow_any_size", "--save_file", out,
                               "--device", "cpu", *flags])
@@ -223,11 +222,10 @@ def test_expert_parallel_refuses_flags_it_cannot_combine_with():
 TORCHRUN_SCRIPT = """
 import argparse, sys
 from wanx.cli import _resolve_generate, add_generate_flags
-from wanx.distributed.launch import add_distributed_flags, generate_cli
+from wanx.distributed.launch import generate_cli
 
 parser = argparse.ArgumentParser()
-add_generate_flags(parser)
-add_distributed_flags(parser)
+add_generate_flags(parser)  # includes the distributed flags
 args = parser.parse_args(sys.argv[1:])
 layout, req, *_ = _resolve_generate(args)  # (layout, req, device[, loras])
 sys.exit(generate_cli(args, layout, req))

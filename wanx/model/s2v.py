@@ -31,7 +31,7 @@ from .s2v_motion import (FramePackMotioner, motion_positions, position_table, re
 MASK_VIDEO, MASK_REFERENCE, MASK_MOTION = 0, 1, 2  # rows of trainable_cond_mask
 
 
-def _check_supported(cfg: S2VConfig) -> None:
+def check_s2v_config(cfg: S2VConfig) -> None:
     """Only the released S2V structure is implemented; anything else is refused by name."""
     problems = []
     if cfg.enable_motioner or not cfg.enable_framepack:
@@ -85,7 +85,7 @@ class WanS2VDiT(WanDiT):
     """The S2V transformer with the official ``WanModel_S2V`` state-dict keys."""
 
     def __init__(self, cfg: S2VConfig):
-        _check_supported(cfg)
+        check_s2v_config(cfg)
         super().__init__(cfg)
         dim = cfg.dim
         if cfg.cond_dim > 0:

@@ -94,3 +94,28 @@ def load_wav2vec2(folder: str | os.PathLike, device: str | torch.device = "cpu")
     if rate != 16000:
         raise CheckpointError(f"{folder}: the processor expects {rate} Hz audio; S2V's wav2vec2 runs at 16000 Hz")
     return SpeechEncoder(model, bool(pre.get("do_normalize", True)), rate)
+
+
+def save_wav2vec2(model: Wav2Vec2, folder: str | os.PathLike, vocab_size: int = 32) -> Path:
+    """Write ``model`` as a transformers ``Wav2Vec2ForCTC`` folder (config.json, model.safetensors with
+    ``wav2vec2.`` keys and a zero CTC head, preprocessor_config.json), as the S2V checkpoint ships it."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_output
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {f"wav2vec2.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    hidden = model.cfg.hidden_size
+    sd["lm_head.weight"], sd["lm_head.bias"] = torch.zeros(vocab_size, hidden), torch.zeros(vocab_size)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in model.cfg.__dict__.items() if k != "extras"}
+    files = {"config.json": dict(cfg, model_type="wav2vec2", architectures=["Wav2Vec2ForCTC"], vocab_size=vocab_size),
+             "preprocessor_config.json": {"do_normalize": True, "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+                                          "feature_size": 1, "padding_side": "right", "padding_value": 0.0,
+                                          "return_attention_mask": True, "sampling_rate": 16000}}
+    for name, data in files.items():
+        with atomic_output(folder / name, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+    with atomic_output(folder / WEIGHT_FILES[0], overwrite=True) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    return folder

@@ -16,6 +16,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,9 +144,11 @@ def official_s2v_modules() -> types.SimpleNamespace:
     _package(PKG, root)
     _package(f"{PKG}.modules", root / "modules")
     _package(f"{PKG}.modules.s2v", root / "modules" / "s2v")
-    _package(f"{PKG}.distributed", None)
+    _package(f"{PKG}.distributed", root / "distributed")
+    _package(f"{PKG}.utils", root / "utils")
     sp = types.ModuleType(f"{PKG}.distributed.sequence_parallel")
-    for fn in ("distributed_attention", "gather_forward", "get_rank", "get_world_size"):
+    for fn in ("distributed_attention", "gather_forward", "get_rank", "get_world_size", "sp_attn_forward",
+               "sp_dit_forward"):
         setattr(sp, fn, None)
     sys.modules.setdefault(sp.__name__, sp)
     import diffusers.models.modeling_utils  # noqa: F401 - before any stub is in place
@@ -160,3 +163,94 @@ def official_s2v_modules() -> types.SimpleNamespace:
     for mod in (model, mods["model_s2v"], mods["motioner"]):
         mod.flash_attention = _official_attention
     return types.SimpleNamespace(model=model, **mods)
+
+
+# ------------------------------------------------------------------------- the official S2V loop
+
+class _PyAVVideoReader:
+    """decord's VideoReader, as the official pose reading uses it, on PyAV (decord is not installed)."""
+
+    def __init__(self, path):
+        import av
+
+        with av.open(str(path)) as c:
+            self.fps = float(c.streams.video[0].average_rate)
+            self.frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+    def get_avg_fps(self):
+        return self.fps
+
+    def __len__(self):
+        return len(self.frames)
+
+    def get_batch(self, indices):
+        return types.SimpleNamespace(asnumpy=lambda: self.frames[list(indices)])
+
+
+def _same_size(check):
+    """A torchvision transform stand-in that only accepts inputs it would leave unchanged."""
+    def transform(x):
+        size = (x.height, x.width) if hasattr(x, "height") else tuple(x.shape[-2:])
+        assert check(size), f"the official resize/crop would change a {size} input: use a matching size"
+        return x
+    return transform
+
+
+def _torchvision_stub():
+    """Resize/CenterCrop at identity (the tests give images and pose frames already at the output
+    size: wanx's own resize/crop is tested separately) and ToTensor."""
+    def to_tensor(img):
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+    tf = types.SimpleNamespace(
+        Resize=lambda n: _same_size(lambda hw: min(hw) == n),
+        CenterCrop=lambda hw: _same_size(lambda size: tuple(size) == tuple(hw)),
+        ToTensor=lambda: to_tensor, functional=types.SimpleNamespace())
+    return types.SimpleNamespace(transforms=tf), tf
+
+
+def official_speech2video():
+    """The official ``wan/speech2video.py`` module (its ``WanS2V.generate`` is the reference loop)."""
+    mods = official_s2v_modules()
+    root = Path(sys.modules[PKG].__path__[0])
+    name = f"{PKG}.speech2video"
+    if name not in sys.modules:
+        tv, tf = _torchvision_stub()
+        stubs = {"decord": types.SimpleNamespace(VideoReader=_PyAVVideoReader), "torchvision": tv,
+                 "torchvision.transforms": tf, "torchvision.transforms.functional": tf.functional,
+                 f"{PKG}.modules.t5": types.SimpleNamespace(T5EncoderModel=None),
+                 f"{PKG}.modules.vae2_1": types.SimpleNamespace(Wan2_1_VAE=None)}
+        saved = {k: sys.modules.get(k) for k in stubs}
+        sys.modules.update(stubs)
+        try:
+            _exec(name, root / "speech2video.py")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+    return sys.modules[name], mods
+
+
+class OfficialVAE:
+    """wanx's VAE behind the official ``Wan2_1_VAE`` interface (lists of per-video tensors)."""
+
+    def __init__(self, vae):
+        self.vae, self.dtype, self.device = vae, torch.float32, torch.device("cpu")
+
+    def encode(self, videos):
+        return [self.vae.encode(u[None].float())[0] for u in videos]
+
+    def decode(self, zs):
+        return [self.vae.decode(u[None].float())[0] for u in zs]
+
+
+class OfficialText:
+    """wanx's text encoder behind the official ``T5EncoderModel`` call (t5_cpu path)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, prompts, device):
+        return [c.to(device) for c in self.encoder.encode(prompts)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from wanx.configs import S2VConfig
 from wanx.model import attention
 
 OFFICIAL_SRC_DEFAULT = Path(__file__).resolve().parents[1] / ".venv" / "reference" / "wan"
@@ -254,3 +256,119 @@ class OfficialText:
 
     def __call__(self, prompts, device):
         return [c.to(device) for c in self.encoder.encode(prompts)]
+
+
+# --------------------------------------------------------------------------------- audio fixtures
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """Voice-like test signal at 16 kHz: harmonics with a moving pitch and some noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / 16000
+    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)
+    return (0.3 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def write_audio(path, samples: np.ndarray, rate: int, codec: str, channels: int = 1, container=None):
+    """Encode float samples with PyAV (a test fixture, the way users' files are made)."""
+    import av
+
+    layout = "mono" if channels == 1 else "stereo"
+    data = np.repeat(samples[None], channels, axis=0).astype(np.float32)  # [channels, n]
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        fmt = stream.codec_context.codec.audio_formats[0].name
+        resampler = av.AudioResampler(format=fmt, layout=layout, rate=rate)
+        for start in range(0, data.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, start:start + 1024]), format="fltp",
+                                               layout=layout)
+            frame.sample_rate = rate
+            for f in resampler.resample(frame):
+                for packet in stream.encode(f):
+                    out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def tiny_wav2vec2_folder(folder, num_layers: int = 3, seed: int = 0):
+    """A transformers Wav2Vec2ForCTC (stable layer norm, as xlsr-53) with random weights + processor."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4, intermediate_size=64,
+        conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+        conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=True, feat_extract_norm="layer", vocab_size=8)
+    model = transformers.Wav2Vec2ForCTC(cfg).eval()
+    with torch.no_grad():  # transformers zero-inits some biases; make every tensor matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    model.save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "a": 5, "b": 6, "c": 7}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tok = transformers.Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
+    fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    transformers.Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(folder)
+    return folder, model
+
+
+def official_encoder(folder, samples: np.ndarray):
+    """The official AudioEncoder on the tiny folder, librosa.load returning ``samples``, and its
+    wav2vec2's last state layer-normed as under the official transformers pin (if this
+    transformers leaves it un-normed)."""
+    transformers = pytest.importorskip("transformers")
+    mods = official_s2v_modules()
+    mods.audio_encoder.librosa = types.SimpleNamespace(load=lambda path, sr: (samples, sr))
+    enc = mods.audio_encoder.AudioEncoder(model_id=str(folder))
+    forward = enc.model.forward
+    norm = enc.model.wav2vec2.encoder.layer_norm
+    unnormed_last = int(transformers.__version__.split(".")[0]) >= 5
+
+    def pinned(*args, **kw):
+        out = forward(*args, **kw)
+        if unnormed_last:
+            out.hidden_states = (*out.hidden_states[:-1], norm(out.hidden_states[-1]))
+        return out
+
+    enc.model.forward = pinned
+    return enc
+
+
+# ------------------------------------------------------------------------------- model fixtures
+
+GRID = (3, 8, 16)  # latent T, h, w (h, w multiples of 8 for the 4x motion bucket)
+CTX_LEN = 7
+
+
+def official_kwargs(cfg: S2VConfig) -> dict:
+    d = cfg.to_dict()
+    d["audio_inject_layers"] = list(d["audio_inject_layers"])
+    return d
+
+
+def make_inputs(cfg: S2VConfig, motion_frames: int = 19, seed: int = 3, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    t_, h, w = GRID
+    return dict(
+        x=torch.randn(batch, 16, t_, h, w, generator=g),
+        context=torch.randn(batch, CTX_LEN, cfg.text_dim, generator=g),
+        ref_latents=torch.randn(1, 16, 1, h, w, generator=g),
+        motion_latents=torch.randn(1, 16, motion_frames, h, w, generator=g),
+        cond_states=torch.randn(batch, 16, t_, h, w, generator=g),
+        audio_input=torch.randn(batch, 25, cfg.audio_dim, 4 * t_, generator=g))
+
+
+def run_official(ref, inp, t, *, pose: bool, drop: bool):
+    cond = inp["cond_states"] if pose else torch.zeros_like(inp["cond_states"])
+    return ref([inp["x"][0]], t=t, context=[inp["context"][0]], seq_len=None,
+               ref_latents=inp["ref_latents"], motion_latents=inp["motion_latents"], cond_states=cond,
+               audio_input=inp["audio_input"], motion_frames=[73, 19], drop_motion_frames=drop)[0]
+
+
+def run_ours(ours, inp, t, *, pose: bool, drop: bool):
+    return ours(inp["x"], t, inp["context"], ref_latents=inp["ref_latents"],
+                motion_latents=inp["motion_latents"], audio_input=inp["audio_input"],
+                cond_states=inp["cond_states"] if pose else None, motion_frames=(73, 19),
+                drop_motion_frames=drop)

@@ -8,7 +8,6 @@ folder with its own wav2vec2. The official ``AudioEncoder`` runs on that folder 
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import pytest
@@ -19,51 +18,23 @@ from wanx.audio.features import feature_frames, hidden_states, speech_features, 
 from wanx.loading.s2v_wav2vec2 import load_wav2vec2
 from wanx.loading.safe import CheckpointError
 
-from helpers_s2v import official_s2v_modules, rel_err
+from helpers_s2v import (official_encoder, official_s2v_modules, rel_err, speech, tiny_wav2vec2_folder,
+                         write_audio)
 
-transformers = pytest.importorskip("transformers")
 TOL = 1e-5
-
-
-def tiny_wav2vec2_folder(folder, num_layers: int = 3, seed: int = 0):
-    """A transformers Wav2Vec2ForCTC (stable layer norm, as xlsr-53) with random weights + processor."""
-    torch.manual_seed(seed)
-    cfg = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4, intermediate_size=64,
-        conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
-        conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        do_stable_layer_norm=True, feat_extract_norm="layer", vocab_size=8)
-    model = transformers.Wav2Vec2ForCTC(cfg).eval()
-    with torch.no_grad():  # transformers zero-inits some biases; make every tensor matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
-    model.save_pretrained(folder)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "a": 5, "b": 6, "c": 7}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    tok = transformers.Wav2Vec2CTCTokenizer(str(folder / "vocab.json"))
-    fe = transformers.Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
-    transformers.Wav2Vec2Processor(feature_extractor=fe, tokenizer=tok).save_pretrained(folder)
-    return folder, model
-
-
-def speech(seconds: float, seed: int = 0) -> np.ndarray:
-    """Voice-like test signal at 16 kHz: harmonics with a moving pitch and some noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / 16000
-    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)
-    return (0.3 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def w2v(tmp_path_factory):
+    """(folder, transformers model); needs transformers (the reference), unlike wanx's own loading."""
     return tiny_wav2vec2_folder(tmp_path_factory.mktemp("w2v"))
 
 
 # --------------------------------------------------------------------------------------- wav2vec2
 
 def test_hidden_states_match_transformers_with_the_final_norm(w2v):
+    import transformers
+
     folder, hf = w2v
     ours = load_wav2vec2(folder)
     x = speech(2.0)
@@ -122,27 +93,6 @@ def test_wav2vec2_folder_problems_are_named(w2v, tmp_path):
 
 # ------------------------------------------------------------------------------ official features
 
-def official_encoder(folder, samples: np.ndarray):
-    """The official AudioEncoder on the tiny folder, librosa.load returning ``samples``, and its
-    wav2vec2's last state layer-normed as under the official transformers pin (if this
-    transformers leaves it un-normed)."""
-    mods = official_s2v_modules()
-    mods.audio_encoder.librosa = types.SimpleNamespace(load=lambda path, sr: (samples, sr))
-    enc = mods.audio_encoder.AudioEncoder(model_id=str(folder))
-    forward = enc.model.forward
-    norm = enc.model.wav2vec2.encoder.layer_norm
-    unnormed_last = int(transformers.__version__.split(".")[0]) >= 5
-
-    def pinned(*args, **kw):
-        out = forward(*args, **kw)
-        if unnormed_last:
-            out.hidden_states = (*out.hidden_states[:-1], norm(out.hidden_states[-1]))
-        return out
-
-    enc.model.forward = pinned
-    return enc
-
-
 @pytest.mark.parametrize("seconds", [0.5, 3.3, 5.2])
 def test_features_match_the_official_audio_encoder(w2v, seconds):
     folder, _ = w2v
@@ -187,28 +137,6 @@ def test_video_rate_resampling_length():
 
 
 # ---------------------------------------------------------------------------------------- decoding
-
-def write_audio(path, samples: np.ndarray, rate: int, codec: str, channels: int = 1, container=None):
-    """Encode float samples with PyAV (a test fixture, the way users' files are made)."""
-    import av
-
-    layout = "mono" if channels == 1 else "stereo"
-    data = np.repeat(samples[None], channels, axis=0).astype(np.float32)  # [channels, n]
-    with av.open(str(path), "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
-        fmt = stream.codec_context.codec.audio_formats[0].name
-        resampler = av.AudioResampler(format=fmt, layout=layout, rate=rate)
-        for start in range(0, data.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, start:start + 1024]), format="fltp",
-                                               layout=layout)
-            frame.sample_rate = rate
-            for f in resampler.resample(frame):
-                for packet in stream.encode(f):
-                    out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
-
 
 @pytest.mark.parametrize("name, codec, rate, channels", [
     ("a.wav", "pcm_s16le", 44100, 2), ("a.flac", "flac", 48000, 1), ("a.m4a", "aac", 22050, 2),

@@ -14,8 +14,7 @@ from wanx.loading.safe import CheckpointError
 from wanx.model import attention_backend
 from wanx.model.s2v import WanS2VDiT
 
-from helpers_s2v import official_s2v_modules, randomize_, rel_err
-from test_s2v_model import make_inputs, official_kwargs, run_official, run_ours
+from helpers_s2v import make_inputs, official_kwargs, official_s2v_modules, randomize_, rel_err, run_official, run_ours
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from wanx.media import (AudioTrack, Mp4Writer, Video, probe_video, read_audio_track, read_mp4, read_video_frames,
                         write_mp4)
 
-from test_s2v_audio import write_audio
+from helpers_s2v import write_audio
 
 
 def decoded_audio(path):

@@ -15,17 +15,10 @@ from wanx.model import attention_backend
 from wanx.model.s2v import WanS2VDiT
 from wanx.model.s2v_motion import motion_positions, position_table, reference_positions, video_positions
 
-from helpers_s2v import official_s2v_modules, randomize_, rel_err
+from helpers_s2v import (GRID, make_inputs, official_kwargs, official_s2v_modules, randomize_, rel_err, run_official,
+                         run_ours)
 
 TOL = 1e-5
-GRID = (3, 8, 16)  # latent T, h, w (h, w multiples of 8 for the 4x motion bucket)
-CTX_LEN = 7
-
-
-def official_kwargs(cfg: S2VConfig) -> dict:
-    d = cfg.to_dict()
-    d["audio_inject_layers"] = list(d["audio_inject_layers"])
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -43,32 +36,6 @@ def twins(official):
     ours = WanS2VDiT(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
-
-
-def make_inputs(cfg: S2VConfig, motion_frames: int = 19, seed: int = 3, batch: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    t_, h, w = GRID
-    return dict(
-        x=torch.randn(batch, 16, t_, h, w, generator=g),
-        context=torch.randn(batch, CTX_LEN, cfg.text_dim, generator=g),
-        ref_latents=torch.randn(1, 16, 1, h, w, generator=g),
-        motion_latents=torch.randn(1, 16, motion_frames, h, w, generator=g),
-        cond_states=torch.randn(batch, 16, t_, h, w, generator=g),
-        audio_input=torch.randn(batch, 25, cfg.audio_dim, 4 * t_, generator=g))
-
-
-def run_official(ref, inp, t, *, pose: bool, drop: bool):
-    cond = inp["cond_states"] if pose else torch.zeros_like(inp["cond_states"])
-    return ref([inp["x"][0]], t=t, context=[inp["context"][0]], seq_len=None,
-               ref_latents=inp["ref_latents"], motion_latents=inp["motion_latents"], cond_states=cond,
-               audio_input=inp["audio_input"], motion_frames=[73, 19], drop_motion_frames=drop)[0]
-
-
-def run_ours(ours, inp, t, *, pose: bool, drop: bool):
-    return ours(inp["x"], t, inp["context"], ref_latents=inp["ref_latents"],
-                motion_latents=inp["motion_latents"], audio_input=inp["audio_input"],
-                cond_states=inp["cond_states"] if pose else None, motion_frames=(73, 19),
-                drop_motion_frames=drop)
 
 
 # ------------------------------------------------------------------------------------------ structure

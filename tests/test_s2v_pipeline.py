@@ -26,9 +26,8 @@ from wanx.pipelines.s2v import center_crop, describe_s2v_checkpoint, load_s2v_pi
 from wanx.request import resolve_request, s2v_video_size
 from wanx.testing import build_tiny_checkpoint
 
-from helpers_s2v import OfficialText, OfficialVAE, official_speech2video, rel_err
-from test_s2v_audio import official_encoder, speech, write_audio
-from test_s2v_model import official_kwargs
+from helpers_s2v import (OfficialText, OfficialVAE, official_encoder, official_kwargs, official_speech2video, rel_err,
+                         speech, write_audio)
 
 PROMPT = "a red circle moving left"
 NEGATIVE = "a blue square moving up"
@@ -48,12 +47,16 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("s2v") / "ckpt", "s2v-14B", seed=7)
-    transformers = pytest.importorskip("transformers")  # the official AudioEncoder loads a full processor
-    vocab = folder / S2V_WAV2VEC_DIR / "vocab.json"
-    vocab.write_text('{"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}')
-    transformers.Wav2Vec2CTCTokenizer(str(vocab)).save_pretrained(folder / S2V_WAV2VEC_DIR)
-    return folder
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("s2v") / "ckpt", "s2v-14B", seed=7)
+
+
+def add_tokenizer(folder):
+    """The official AudioEncoder loads a whole Wav2Vec2Processor: give the folder a CTC tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    vocab = folder / "vocab.json"
+    if not vocab.is_file():
+        vocab.write_text('{"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4}')
+        transformers.Wav2Vec2CTCTokenizer(str(vocab)).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,7 @@ def pipe(ckpt):
 def run_official(pipe, ckpt, media, **kw):
     """``WanS2V.generate`` itself, on an instance holding the official transformer and audio encoder."""
     s2v, mods = official_speech2video()
+    add_tokenizer(ckpt / S2V_WAV2VEC_DIR)
     cfg = read_s2v_config(ckpt)
     model = mods.model_s2v.WanModel_S2V(**official_kwargs(cfg)).eval()
     model.load_state_dict(load_file(str(ckpt / "diffusion_pytorch_model.safetensors")), strict=True)
@@ -220,6 +224,10 @@ def test_resize_and_crop_follow_torchvision():
     assert torch.equal(center_crop(x, 3, 4), x[:, 1:4, 2:6])  # offsets round((5-3)/2), round((7-4)/2)=2 (1.5 -> 2)
     padded = center_crop(x, 8, 7)  # too small: zero rows split 1 above, 2 below
     assert padded.shape == (1, 8, 7) and padded[:, 0].abs().sum() == 0 and padded[:, -2:].abs().sum() == 0
-    tv = pytest.importorskip("torchvision.transforms")  # when installed, the real thing must agree
+
+
+def test_crop_agrees_with_torchvision_when_installed():
+    tv = pytest.importorskip("torchvision.transforms")
     img = torch.rand(3, 37, 53)
-    assert torch.equal(center_crop(img, 30, 60), tv.CenterCrop((30, 60))(img))
+    for hw in [(30, 60), (37, 53), (20, 21), (40, 40)]:
+        assert torch.equal(center_crop(img, *hw), tv.CenterCrop(hw)(img)), hw

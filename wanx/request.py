@@ -13,7 +13,7 @@ import math
 import numbers
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class S2VInputs:
 
     audio_path: Path
     audio_name: str  # file name only, for the recipe
-    samples: Any  # 16 kHz mono float32 numpy array
+    samples: Any = field(compare=False, repr=False)  # 16 kHz mono float32 numpy array
     num_clips: int  # clips to generate: the audio's, or fewer with num_clip
     infer_frames: int  # frames per clip
     start_from_ref: bool  # the motion context starts from the reference image (and is not dropped)
@@ -556,7 +556,7 @@ def _resolve_s2v(facts: ModelFacts, req: GenerationRequest, audio, pose_video, n
     pose = _pose_video(pose_video, frames * clips, fps, clips, frames)
     lat_motion = (S2V_MOTION_FRAMES + 3) // 4
     grid = ((frames + 3 + S2V_MOTION_FRAMES) // 4 - lat_motion, *req.latent_grid[1:])
-    total = frames * clips - (0 if start_from_ref else 3)  # the first clip drops 3 frames unless it starts from the image
+    total = frames * clips - (0 if start_from_ref else 3)  # clip 1 drops 3 frames unless it starts from the image
     inputs = S2VInputs(Path(audio), speech.name, speech.samples, clips, frames, bool(start_from_ref), *pose)
     return replace(req, s2v=inputs, latent_grid=grid, frame_num=total)
 
@@ -570,7 +570,8 @@ def _pose_video(path: Any, needed: int, fps: int, clips: int, frames: int) -> tu
 
     path = Path(path)
     if not path.is_file():
-        raise InputError("pose_video", f"{{arg}} not found: {path}" if not path.exists() else f"{{arg}} {path} is not a file")
+        what = f"{{arg}} not found: {path}" if not path.exists() else f"{{arg}} {path} is not a file"
+        raise InputError("pose_video", what)
     try:
         info = probe_video(path)
     except ValueError as e:

@@ -328,7 +328,7 @@ class S2VPipeline(WanPipeline):
         return latent
 
     def clip_noise(self, req: GenerationRequest, index: int) -> torch.Tensor:
-        """``[1, z, T, h, w]`` fp32 noise of clip ``index``, drawn as the official (seed + index, in the DiT's dtype)."""
+        """``[1, z, T, h, w]`` fp32 noise of clip ``index``, drawn as the official: seed + index, DiT dtype."""
         gen = torch.Generator(device=self.device).manual_seed((req.seed + index) % 2**64)
         # parity: the official draws S2V noise in its param dtype (bf16 under --convert_model_dtype).
         noise = torch.randn(self.vae.cfg.z_dim, *req.latent_grid, dtype=self.experts[0].dtype, device=self.device,
@@ -380,7 +380,8 @@ def load_s2v_pipeline(ckpt_dir, device=None, dtype=None, *, offload_model: bool 
     vae = _load_vae(layout, device)
     home = torch.device("cpu") if offload_model else device
     model = load_s2v(layout.root, config=facts.dit, dtype=dit_dtype(dtype, convert_model_dtype), device=home)
-    speech = load_wav2vec2(layout.root / S2V_WAV2VEC_DIR, device=device)
+    # fp32 always (the official runs it on the CPU in fp32); on the CPU too when offloading.
+    speech = load_wav2vec2(layout.root / S2V_WAV2VEC_DIR, device=home)
     log.info("loaded s2v-14B from %s on %s", layout.root, device)
     return S2VPipeline(layout.spec, text_encoder, vae, model, speech, device=device, options=options,
                        checkpoint=checkpoint_identity(layout))

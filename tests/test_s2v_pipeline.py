@@ -231,3 +231,15 @@ def test_crop_agrees_with_torchvision_when_installed():
     img = torch.rand(3, 37, 53)
     for hw in [(30, 60), (37, 53), (20, 21), (40, 40)]:
         assert torch.equal(center_crop(img, *hw), tv.CenterCrop(hw)(img)), hw
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_image_and_pose_of_other_shapes_are_resized_and_cropped(pipe, media, tmp_path):
+    """A 150x90 image in a 128*64 budget gives the official shape; a square pose video is fitted to it."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    video = pipe.generate(PROMPT, image=tmp_path / "wide.png", audio=media / "speech.wav", size="128*64",
+                          pose_video=media / "pose.mp4", num_clip=1, infer_frames=8, sample_steps=2, seed=3)
+    h, w = s2v_video_size(90, 150, 128 * 64)
+    assert (h, w) == (64, 128) and video.tensor.shape == (3, 8 - 3, h, w)
+    assert torch.isfinite(video.tensor).all() and video.tensor.std() > 1e-3

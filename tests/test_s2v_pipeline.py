@@ -106,8 +106,9 @@ def run_official(pipe, ckpt, media, **kw):
 
 
 def run_wanx(pipe, media, **kw):
+    kw = {"sample_steps": STEPS, **kw}
     return pipe.generate(PROMPT, NEGATIVE, image=media / "ref.png", audio=media / "speech.wav", size=(64, 64),
-                         sample_steps=STEPS, sample_shift=SHIFT, guide_scale=GUIDE, seed=SEED, **kw)
+                         sample_shift=SHIFT, guide_scale=GUIDE, seed=SEED, **kw)
 
 
 # ---------------------------------------------------------------------------------------- parity
@@ -243,3 +244,20 @@ def test_image_and_pose_of_other_shapes_are_resized_and_cropped(pipe, media, tmp
     h, w = s2v_video_size(90, 150, 128 * 64)
     assert (h, w) == (64, 128) and video.tensor.shape == (3, 8 - 3, h, w)
     assert torch.isfinite(video.tensor).all() and video.tensor.std() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_transformer_stays_close(ckpt, media, pipe):
+    """--quantize int8 on the S2V transformer (its blocks are the Wan blocks) keeps the video close."""
+    q = load_s2v_pipeline(ckpt, device="cpu", dtype="float32", quantize="int8")
+    kw = dict(num_clip=1, infer_frames=8, sample_steps=2)
+    ref, got = run_wanx(pipe, media, **kw), run_wanx(q, media, **kw)
+    err = rel_err(got.tensor, ref.tensor)
+    print(f"int8 transformer vs fp32: rel err {err:.2e}")
+    assert 0 < err < 0.1
+
+
+def test_s2v_folders_are_recognised(ckpt, tmp_path):
+    from wanx.pipelines.s2v import is_s2v_checkpoint
+
+    assert is_s2v_checkpoint(ckpt) and not is_s2v_checkpoint(tmp_path)

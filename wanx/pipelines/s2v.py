@@ -358,13 +358,26 @@ def describe_s2v_checkpoint(ckpt_dir) -> tuple:
     return replace(layout, spec=spec), ModelFacts(spec=spec, dit=cfg, num_experts=1)
 
 
+def is_s2v_checkpoint(ckpt_dir) -> bool:
+    """Whether ``ckpt_dir`` holds an official S2V folder (its config.json names ``WanModel_S2V`` / model_type s2v)."""
+    import json
+
+    path = Path(ckpt_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("_class_name") == "WanModel_S2V" or data.get("model_type") == "s2v")
+
+
 def load_s2v_pipeline(ckpt_dir, device=None, dtype=None, *, offload_model: bool = False, t5_cpu: bool = False,
-                      convert_model_dtype: bool = False, batch_cfg: bool = True,
-                      vae_tiling: bool = False) -> S2VPipeline:
+                      convert_model_dtype: bool = False, batch_cfg: bool = True, vae_tiling: bool = False,
+                      quantize: str | None = None, t5_quantize: str | None = None) -> S2VPipeline:
     """Load an official S2V-14B folder (umT5, VAE, the S2V transformer, wav2vec2) into an :class:`S2VPipeline`.
 
     ``dtype`` is the transformer's and text encoder's compute dtype (float32 on CPU, bfloat16 on
-    CUDA by default); wav2vec2 runs in float32, as the official.
+    CUDA by default); wav2vec2 runs in float32, as the official. ``quantize`` / ``t5_quantize``
+    ("int8", "fp8") quantize the transformer's / umT5's block Linears after loading.
     """
     from ..device import dit_dtype, resolve_device, resolve_dtype
     from ..loading.s2v import load_s2v
@@ -376,10 +389,14 @@ def load_s2v_pipeline(ckpt_dir, device=None, dtype=None, *, offload_model: bool 
     layout, facts = describe_s2v_checkpoint(ckpt_dir)
     options = PipelineOptions(offload_model=offload_model, t5_cpu=t5_cpu, convert_model_dtype=convert_model_dtype,
                               batch_cfg=batch_cfg, vae_tiling=vae_tiling)
-    text_encoder = _load_text_encoder(layout, dtype)
+    text_encoder = _load_text_encoder(layout, dtype, t5_quantize)
     vae = _load_vae(layout, device)
     home = torch.device("cpu") if offload_model else device
     model = load_s2v(layout.root, config=facts.dit, dtype=dit_dtype(dtype, convert_model_dtype), device=home)
+    if quantize is not None:
+        from ..quant import quantize_model_
+
+        quantize_model_(model, quantize)
     # fp32 always (the official runs it on the CPU in fp32); on the CPU too when offloading.
     speech = load_wav2vec2(layout.root / S2V_WAV2VEC_DIR, device=home)
     log.info("loaded s2v-14B from %s on %s", layout.root, device)

@@ -197,6 +197,56 @@ class AnimateConfig(DiTConfig):
         return cls(**base)
 
 
+@dataclass(frozen=True)
+class S2VConfig(DiTConfig):
+    """The S2V transformer (official ``WanModel_S2V``): the Wan DiT plus audio, pose and motion inputs.
+
+    Field names are the official constructor's. Defaults are the released S2V-14B values (the
+    official ``wan_s2v_14B.py`` transformer dict; its ``config.json`` spells every field out), not
+    the constructor's own defaults, which describe a motioner variant that was never released.
+    ``zero_init`` only concerns training initialisation and ``enable_tsm``,
+    ``trainable_token_pos_emb`` and ``motion_token_num`` only the disabled motioner.
+    """
+
+    model_type: str = "s2v"
+    cond_dim: int = 16  # pose-latent channels (0: no cond_encoder)
+    audio_dim: int = 1024  # wav2vec2 hidden size
+    num_audio_token: int = 4
+    enable_adain: bool = True
+    adain_mode: str = "attn_norm"
+    audio_inject_layers: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+    zero_init: bool = True
+    zero_timestep: bool = True
+    enable_motioner: bool = False
+    add_last_motion: bool = True
+    enable_tsm: bool = False
+    trainable_token_pos_emb: bool = False
+    motion_token_num: int = 1024
+    enable_framepack: bool = True
+    framepack_drop_mode: str = "padd"
+
+    @classmethod
+    def tiny(cls, model_type: str = "s2v", **kw) -> "S2VConfig":
+        """A 2-layer S2V model for tests (audio injected after both blocks; a 32-wide audio input)."""
+        base = dict(in_dim=16, out_dim=16, dim=64, ffn_dim=128, freq_dim=256, text_dim=32, num_heads=2,
+                    num_layers=2, audio_dim=32, audio_inject_layers=(0, 1))
+        base.update(kw)
+        return cls(**base)
+
+
+# S2V pipeline constants (official wan_s2v_14B.py / speech2video.py), not part of the model's config.
+S2V_MOTION_FRAMES = 73  # pixel frames of motion context before each clip (transformer.motion_frames)
+S2V_INFER_FRAMES = 80  # pixel frames per clip (--infer_frames)
+S2V_AUDIO_FPS = 30  # wav2vec2 features are resampled from 50 Hz to this rate before bucketing
+S2V_AUDIO_SAMPLE_RATE = 16000
+S2V_WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
+S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
 # Official per-channel latent statistics (vae2_1.py / vae2_2.py).
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -434,10 +484,10 @@ TASKS: dict[str, TaskSpec] = {
         guide_scale=5.0, frame_num=121, sample_fps=24, supported_sizes=("704*1280", "1280*704"),
         default_size="1280*704"),
     "s2v-14B": TaskSpec(
-        name="s2v-14B", dit=DiTConfig(model_type="s2v", in_dim=16, out_dim=16, **_A14B),
+        name="s2v-14B", dit=S2VConfig(in_dim=16, out_dim=16, **_A14B),
         vae_version="2.1", vae_checkpoint="Wan2.1_VAE.pth", sample_steps=40, sample_shift=3.0,
         guide_scale=4.5, frame_num=81, sample_fps=16, supported_sizes=tuple(SIZE_CONFIGS),
-        default_size="1280*720", runnable=False,
+        default_size="1280*720", runnable=False, negative_prompt=S2V_NEGATIVE_PROMPT,
         note="speech-to-video needs the S2V model (audio injection, frame packing): not yet runnable"),
     "animate-14B": TaskSpec(
         name="animate-14B", dit=AnimateConfig(),

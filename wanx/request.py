@@ -13,7 +13,7 @@ import math
 import numbers
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class GenerationRequest:
     cfg_first_steps: int = 0  # a real-guidance phase: this many first steps ...
     cfg_first_scale: tuple[float, float] | None = None  # ... at this (low, high) scale, live LoRAs off
     animate: "AnimateSettings | None" = None  # Animate-14B only
+    s2v: "S2VInputs | None" = None  # speech-to-video only: the speech, the clips, the pose video
 
     def settings(self) -> dict[str, Any]:
         """The settings that decide the frames, for the video's metadata."""
@@ -89,7 +90,27 @@ class GenerationRequest:
                 "sample_solver": self.sample_solver, "seed": self.seed, "recipe": self.recipe,
                 "timesteps": None if self.timesteps is None else list(self.timesteps),
                 "boundary_step": self.boundary_step, "cfg_first_steps": self.cfg_first_steps,
-                "cfg_first_scale": None if self.cfg_first_scale is None else list(self.cfg_first_scale)}
+                "cfg_first_scale": None if self.cfg_first_scale is None else list(self.cfg_first_scale),
+                **(self.s2v.settings() if self.s2v is not None else {})}
+
+
+@dataclass(frozen=True)
+class S2VInputs:
+    """Speech-to-video inputs, checked: the decoded speech, how many clips, the pose video if any."""
+
+    audio_path: Path
+    audio_name: str  # file name only, for the recipe
+    samples: Any = field(compare=False, repr=False)  # 16 kHz mono float32 numpy array
+    num_clips: int  # clips to generate: the audio's, or fewer with num_clip
+    infer_frames: int  # frames per clip
+    start_from_ref: bool  # the motion context starts from the reference image (and is not dropped)
+    pose_path: Path | None = None
+    pose_name: str | None = None
+    pose_fps: float = 0.0
+
+    def settings(self) -> dict[str, Any]:
+        return {"audio": self.audio_name, "num_clip": self.num_clips, "infer_frames": self.infer_frames,
+                "start_from_ref": self.start_from_ref, "pose_video": self.pose_name}
 
 
 @dataclass(frozen=True)
@@ -186,11 +207,16 @@ def resolve_request(facts: ModelFacts, prompt: Any, negative_prompt: Any = None,
                     sample_solver: Any = None, seed: Any = -1, *, allow_any_size: bool | None = False,
                     save_file: Any = None, overwrite: bool = False, recipe: Any = None, timesteps: Any = None,
                     boundary_step: Any = None, cfg_first_steps: Any = 0,
-                    cfg_first_scale: Any = None) -> GenerationRequest:
+                    cfg_first_scale: Any = None, audio: Any = None, pose_video: Any = None,
+                    num_clip: Any = None, infer_frames: Any = None,
+                    start_from_ref: bool = False) -> GenerationRequest:
     """Fill every ``None`` with the recipe's or the task's default and check everything.
 
-    Raises :class:`InputError` naming the argument.
+    ``audio``, ``pose_video``, ``num_clip``, ``infer_frames`` and ``start_from_ref`` are the
+    speech-to-video inputs (s2v-14B only). Raises :class:`InputError` naming the argument.
     """
+    _s2v_only(facts, audio=audio, pose_video=pose_video, num_clip=num_clip, infer_frames=infer_frames,
+              start_from_ref=start_from_ref or None, frame_num=frame_num)
     preset = _recipe(recipe)
     if sample_solver is None:  # explicit timesteps need a solver that walks any list: plain Euler steps
         sample_solver = preset.get("sample_solver", "flow_euler" if timesteps is not None else "unipc")
@@ -199,6 +225,8 @@ def resolve_request(facts: ModelFacts, prompt: Any, negative_prompt: Any = None,
     guide_scale = preset.get("guide_scale") if guide_scale is None else guide_scale
     base = _resolve_base(facts, prompt, negative_prompt, image, size, frame_num, sample_steps, sample_shift,
                          guide_scale, boundary, sample_solver, seed, allow_any_size, save_file, overwrite)
+    if facts.model_type == "s2v":
+        base = _resolve_s2v(facts, base, audio, pose_video, num_clip, infer_frames, start_from_ref)
     return _resolve_schedule(facts, base, recipe, timesteps, boundary_step, boundary, cfg_first_steps,
                              cfg_first_scale, sample_steps)
 
@@ -386,16 +414,16 @@ def check_output(save_file: Any, overwrite: bool = False) -> Path:
 
 def _image_for_task(facts: ModelFacts, image: Any) -> ImageInput | None:
     if image is None:
-        if facts.model_type == "i2v":
+        if facts.model_type in ("i2v", "s2v"):
             raise InputError("image", f"task {facts.spec.name} needs an input image ({{arg}})")
         return None
-    if facts.model_type not in ("i2v", "ti2v"):
+    if facts.model_type not in ("i2v", "ti2v", "s2v"):
         raise InputError("image", f"task {facts.spec.name} is text-to-video and takes no image ({{arg}}); "
                                   f"image-to-video tasks: i2v-A14B, ti2v-5B")
     checked = read_image(image)
-    if facts.model_type == "ti2v" and checked.name == "<tensor>":
-        raise InputError("image", "{arg}: ti2v resizes and crops its image as the official does; "
-                                  "give a file path or a PIL image, not a tensor")
+    if facts.model_type in ("ti2v", "s2v") and checked.name == "<tensor>":
+        raise InputError("image", f"{{arg}}: {facts.model_type} resizes and crops its image as the official "
+                                  f"does; give a file path or a PIL image, not a tensor")
     return checked
 
 
@@ -411,7 +439,7 @@ def _size(facts: ModelFacts, size: Any, has_image: bool, allow_any_size: bool | 
         raise InputError("size", f"{{arg}} needs two positive whole numbers, got {size!r}")
     multiple = facts.size_multiple
     # For i2v the size is a pixel budget (the image's aspect decides the shape), as in the official.
-    if not (has_image and facts.model_type == "i2v") and (w % multiple or h % multiple):
+    if not (has_image and facts.model_type in ("i2v", "s2v")) and (w % multiple or h % multiple):
         raise InputError("size", f"{{arg}} {w}*{h} is not divisible by {multiple} (VAE stride x patch) "
                                  f"for task {spec.name}")
     if allow_any_size is not True and f"{w}*{h}" not in spec.supported_sizes:
@@ -432,6 +460,9 @@ def _output_grid(facts: ModelFacts, size: tuple[int, int], frames: int,
     try:
         if image is not None and facts.model_type == "i2v":
             lat_h, lat_w = i2v_latent_size(image.height, image.width, w * h, stride_s, facts.dit.patch_size[1])
+        elif image is not None and facts.model_type == "s2v":  # multiples of 64 within the area
+            oh, ow = s2v_video_size(image.height, image.width, w * h)
+            lat_h, lat_w = oh // stride_s, ow // stride_s
         elif image is not None:  # ti2v: cover-resize and centre-crop to the best size within the area
             ow, oh = best_output_size(image.width, image.height, facts.size_multiple, facts.size_multiple, w * h)
             lat_h, lat_w = oh // stride_s, ow // stride_s
@@ -455,3 +486,103 @@ def default_output_name(task: str, video_size: tuple[int, int], prompt: str, sta
 
     stem = re.sub(r"[^\w\-]+", "_", prompt[:50], flags=re.ASCII).strip("_") or "video"
     return f"{task}_{video_size[0]}x{video_size[1]}_{stem}_{stamp}.mp4"
+
+
+# ------------------------------------------------------------------------------------ speech-to-video
+
+def s2v_video_size(height: int, width: int, max_area: int, divisor: int = 64) -> tuple[int, int]:
+    """S2V's (H, W): the largest scale of the image whose size, padded up to multiples of 64, fits
+    ``max_area`` (official ``get_size_less_than_area``, its 100-step search and its fallback)."""
+    if height * width <= max_area:
+        min_scale, max_scale = 0.1, 1.0
+    else:
+        d = divisor - 1
+        b, a, c = d * (height + width), height * width, d**2 - max_area
+        # parity: the official quadratic (with its 2*a*c) for the scale at maximum padding.
+        min_scale = (-b + math.sqrt(b**2 - 2 * a * c)) / (2 * a)
+        max_scale = math.sqrt(max_area / (height * width))
+    for i in range(100):
+        scale = max_scale - (max_scale - min_scale) * i / 100
+        new_h, new_w = int(height * scale), int(width * scale)
+        padded_h, padded_w = new_h + (64 - new_h % 64) % 64, new_w + (64 - new_w % 64) % 64
+        if padded_h * padded_w <= max_area:
+            return padded_h, padded_w
+    aspect = width / height
+    target_w = int((max_area * aspect) ** 0.5 // divisor * divisor)
+    target_h = int((max_area / aspect) ** 0.5 // divisor * divisor)
+    if target_w >= width or target_h >= height:
+        target_w, target_h = int(width // divisor * divisor), int(height // divisor * divisor)
+    return target_h, target_w
+
+
+def _s2v_only(facts: ModelFacts, **given: Any) -> None:
+    """S2V arguments for another task, or arguments S2V has no use for, are refused by name."""
+    if facts.model_type == "s2v":
+        if given["frame_num"] is not None:
+            raise InputError("frame_num", f"{facts.spec.name} makes clips of infer_frames frames, as many as "
+                                          f"the audio needs; set infer_frames / num_clip instead of {{arg}}")
+        return
+    for name, value in given.items():
+        if name != "frame_num" and value is not None:
+            raise InputError(name, f"{{arg}} is a speech-to-video input; task {facts.spec.name} does not take it")
+
+
+def _resolve_s2v(facts: ModelFacts, req: GenerationRequest, audio, pose_video, num_clip, infer_frames,
+                 start_from_ref) -> GenerationRequest:
+    """Decode and check the speech, plan the clips, check the pose video covers them."""
+    from dataclasses import replace
+
+    from .audio import AudioError, clip_count, feature_frames, read_speech
+    from .configs import S2V_AUDIO_SAMPLE_RATE, S2V_INFER_FRAMES, S2V_MOTION_FRAMES
+
+    fps = facts.spec.sample_fps
+    frames = _positive_int("infer_frames", S2V_INFER_FRAMES if infer_frames is None else infer_frames)
+    if frames % 4:
+        raise InputError("infer_frames", f"{{arg}} must be a multiple of 4 (e.g. 48 or 80), got {frames}")
+    if audio is None:
+        raise InputError("audio", "{arg} is required: S2V animates the image to a speech or singing file (wav, "
+                                  "mp3, m4a, flac, or a video's audio track). Text-to-speech (the official "
+                                  "--enable_tts) is not supported: synthesize the speech first")
+    try:
+        speech = read_speech(audio, S2V_AUDIO_SAMPLE_RATE)
+    except (AudioError, TypeError) as e:
+        raise InputError("audio", f"{{arg}}: {e}") from None
+    if len(speech.samples) < S2V_AUDIO_SAMPLE_RATE / fps:
+        raise InputError("audio", f"{{arg}} {speech.name} lasts {speech.seconds * 1000:.0f} ms, shorter than one "
+                                  f"video frame ({1000 / fps:.1f} ms at {fps} fps)")
+    clips = clip_count(feature_frames(len(speech.samples)), fps, frames)
+    if num_clip is not None:
+        clips = min(clips, _positive_int("num_clip", num_clip))
+    pose = _pose_video(pose_video, frames * clips, fps, clips, frames)
+    lat_motion = (S2V_MOTION_FRAMES + 3) // 4
+    grid = ((frames + 3 + S2V_MOTION_FRAMES) // 4 - lat_motion, *req.latent_grid[1:])
+    total = frames * clips - (0 if start_from_ref else 3)  # clip 1 drops 3 frames unless it starts from the image
+    inputs = S2VInputs(Path(audio), speech.name, speech.samples, clips, frames, bool(start_from_ref), *pose)
+    return replace(req, s2v=inputs, latent_grid=grid, frame_num=total)
+
+
+def _pose_video(path: Any, needed: int, fps: int, clips: int, frames: int) -> tuple:
+    """(path, name, fps) of a pose video that has ``needed`` frames at ``fps`` (sampled every
+    round(its fps / fps) frames from the start, as the official), or () without one."""
+    if path is None:
+        return ()
+    from .media import probe_video
+
+    path = Path(path)
+    if not path.is_file():
+        what = f"{{arg}} not found: {path}" if not path.exists() else f"{{arg}} {path} is not a file"
+        raise InputError("pose_video", what)
+    try:
+        info = probe_video(path)
+    except ValueError as e:
+        raise InputError("pose_video", f"{{arg}}: {e}") from None
+    if info.fps <= 0 or info.frames < 1:
+        raise InputError("pose_video", f"{{arg}} {path.name}: no frames or no frame rate found")
+    interval = max(1, round(info.fps / fps))
+    usable = -(-info.frames // interval)
+    if usable < needed:
+        raise InputError("pose_video", f"{{arg}} {path.name} has {info.frames} frames at {info.fps:.2f} fps "
+                                       f"({info.frames / info.fps:.1f} s), {usable} at {fps} fps; {clips} clip(s) of "
+                                       f"{frames} frames need {needed} ({needed / fps:.1f} s). Use a longer pose "
+                                       f"video or fewer clips (num_clip)")
+    return path, path.name, info.fps

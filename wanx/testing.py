@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_output
-from .configs import AnimateConfig, CLIPVisionConfig, DiTConfig, T5Config, VAEConfig, get_task
+from .configs import (S2V_WAV2VEC_DIR, AnimateConfig, CLIPVisionConfig, DiTConfig, S2VConfig, T5Config, VAEConfig,
+                      get_task)
 
 # One head: the CLIP loader infers heads as width // 80 (ViT-H/14), at least 1; it runs the first 2 of 3 blocks.
 TINY_CLIP = CLIPVisionConfig.tiny(num_heads=1, num_layers=3, use_layers=2)
@@ -24,6 +25,10 @@ TINY_CLIP = CLIPVisionConfig.tiny(num_heads=1, num_layers=3, use_layers=2)
 TINY_ANIMATE_DEFAULTS = {"frame_num": 9, "sample_steps": 3}
 TINY_TASK_DEFAULTS = {"supported_sizes": ["64*64", "128*64", "64*128", "128*128"],
                       "default_size": "64*64", "frame_num": 5, "sample_steps": 4}
+# S2V's speech encoder: the released wav2vec2's shape (24 layers -> 25 hidden states), 32 wide.
+TINY_WAV2VEC2 = dict(hidden_size=32, num_hidden_layers=24, num_attention_heads=4, intermediate_size=64,
+                     conv_dim=(16,) * 7, conv_bias=True, num_conv_pos_embeddings=16,
+                     num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True)
 
 
 def _randomize(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
@@ -43,6 +48,8 @@ def tiny_configs(task: str) -> tuple[DiTConfig, T5Config, VAEConfig]:
     t5 = T5Config.tiny()
     if isinstance(spec.dit, AnimateConfig):  # CLIP features: TINY_CLIP's width and token count
         dit = AnimateConfig.tiny(text_dim=t5.dim, image_dim=TINY_CLIP.dim, image_tokens=TINY_CLIP.num_tokens)
+    elif isinstance(spec.dit, S2VConfig):  # audio features: TINY_WAV2VEC2's width
+        dit = S2VConfig.tiny(text_dim=t5.dim, audio_dim=TINY_WAV2VEC2["hidden_size"])
     else:
         dit = DiTConfig.tiny(spec.dit.model_type, text_dim=t5.dim)
     vae = VAEConfig.tiny(spec.vae_version)
@@ -76,6 +83,9 @@ def build_tiny_checkpoint(folder: str | Path, task: str = "t2v-A14B", *, seed: i
     if isinstance(dit_cfg, AnimateConfig):
         _write_tiny_animate(folder, dit_cfg, gen)
         overrides = dict(TINY_ANIMATE_DEFAULTS, **(task_overrides or {}))
+    elif isinstance(dit_cfg, S2VConfig):
+        _write_tiny_s2v(folder, dit_cfg, gen, max_shard_bytes)
+        overrides = dict(TINY_TASK_DEFAULTS, **(task_overrides or {}))
     else:
         for sub in (spec.expert_dirs or (".",)):
             dit = WanDiT(dit_cfg)
@@ -110,6 +120,24 @@ def _write_tiny_animate(folder: Path, cfg: AnimateConfig, gen: torch.Generator) 
                "visual.head": torch.randn(width, width, generator=gen), "log_scale": torch.tensor(2.0)})
     with atomic_output(folder / CLIP_CHECKPOINT, overwrite=True) as tmp:
         torch.save(sd, tmp)
+
+
+def _write_tiny_s2v(folder: Path, cfg: S2VConfig, gen: torch.Generator, max_shard_bytes: int | None) -> None:
+    """The S2V transformer at the root and the wav2vec2 folder next to it, random weights."""
+    from .audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
+    from .loading.s2v import save_s2v
+    from .loading.s2v_wav2vec2 import save_wav2vec2
+    from .model.s2v import WanS2VDiT
+
+    model = WanS2VDiT(cfg)
+    _randomize(model, gen)
+    with torch.no_grad():  # a positive layer weighting (a near-zero sum of 25 SiLUs would blow up)
+        model.casual_audio_encoder.weights.copy_(1.0 + 0.2 * torch.randn(model.casual_audio_encoder.weights.shape,
+                                                                          generator=gen))
+    save_s2v(model, folder, max_shard_bytes=max_shard_bytes)
+    speech = Wav2Vec2(Wav2Vec2Config(**TINY_WAV2VEC2))
+    _randomize(speech, gen, std=0.2)
+    save_wav2vec2(speech, folder / S2V_WAV2VEC_DIR)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,9 @@
 A condition is made per request. ``prepare`` encodes whatever the task conditions on (the i2v
 image channels, the ti2v first frame); then the loop asks it for the starting latent, the
 timestep tensor the DiT sees, the extra DiT inputs, and what to do after each step.
-S2V will be one more class here; Animate's (segment by segment) lives in :mod:`.animate`, which
-registers itself in :data:`CONDITIONS` (imported late: it subclasses :class:`Condition`).
+S2V's (clip by clip, :mod:`.s2v`) and Animate's (segment by segment, :mod:`.animate`) classes live
+in their own modules, which register themselves in :data:`CONDITIONS` (imported late: they
+subclass :class:`Condition`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def make_condition(req: GenerationRequest, facts: ModelFacts, device) -> Conditi
     """The condition of the checkpoint's DiT model type, for one request."""
     if facts.model_type == "animate" and "animate" not in CONDITIONS:
         from . import animate  # noqa: F401  (registers AnimateCondition)
+    if facts.model_type == "s2v" and "s2v" not in CONDITIONS:
+        from . import s2v  # noqa: F401  (registers SpeechToVideo)
     try:
         cls = CONDITIONS[facts.model_type]
     except KeyError:

@@ -38,10 +38,14 @@ class ScaledBlock(torch.nn.Module):
 class FakeExpert:
     """Stands in for a WanDiT: its forward is only the block stack, run through ``block_runner``."""
 
-    def __init__(self, scales):
-        self.block = ScaledBlock(scales)
-        self.blocks = torch.nn.ModuleList([self.block])
+    def __init__(self, scales, depth: int = 1):
+        self.blocks = torch.nn.ModuleList(ScaledBlock(scales) for _ in range(depth))
+        self.block = self.blocks[0]
         self.block_runner = None
+
+    def at_step(self, index: int) -> None:
+        for block in self.blocks:
+            block.step = index
 
     def __call__(self, x):
         from wanx.model.dit import run_blocks
@@ -64,7 +68,7 @@ def drive(cache, plan, expert, mode="batched", inputs=None):
     try:
         for step in plan:
             run.begin_step(step)
-            expert.block.step = step.index
+            expert.at_step(step.index)
             cond, uncond = inputs(step.index) if inputs else (COND_X, UNCOND_X)
             if not step.uncond:
                 outs.append([expert(cond)])
@@ -132,7 +136,8 @@ def test_branches_that_disagree_in_a_batched_call_both_compute():
     batched, _ = drive(cache, one_expert_plan(5), FakeExpert([0.5] * 5), "batched")
     # Step 2 runs the batch, which refreshes the cond residual too (its drift restarts from 0).
     assert skipped_steps(batched, 0) == skipped_steps(batched, 1) == [1, 3, 4]
-    assert cache.last_stats == {"kind": "magcache", "computed": 4, "skipped": 6, "evaluations": 10, "steps": 5}
+    assert cache.last_stats == {"kind": "magcache", "computed": 4, "skipped": 6, "evaluations": 10,
+                                "blocks_run": 4, "steps": 5}
 
 
 def test_guidance_one_runs_one_branch_per_step():
@@ -181,6 +186,17 @@ def test_the_block_stack_outside_a_step_is_an_error():
     cache = MagCache(table([1.0]), threshold=0.06)
     with cache.session([expert], one_expert_plan(1)), pytest.raises(RuntimeError, match="begin_step"):
         expert(COND_X)
+
+
+def test_first_block_cache_skips_the_rest_while_the_first_residual_holds():
+    expert = FakeExpert([0.5, 0.5, 0.6, 0.6, 0.62], depth=3)
+    run, outs = drive(FirstBlockCache(0.1), one_expert_plan(5), expert, "split")
+    # Step 2's first residual moved by 0.1/0.5 = 20 %: compute; 0.02/0.6 at step 4 is under 10 %.
+    assert skipped_steps(run, 0) == skipped_steps(run, 1) == [1, 3, 4]
+    assert run.blocks_run == 2 * (2 * 3 + 3 * 1) and [b.calls for b in expert.blocks] == [10, 4, 4]
+    first = COND_X + 0.62 * COND_X
+    tail = 1.6 ** 3 * COND_X - 1.6 * COND_X  # the last two blocks' residual when step 2 computed
+    assert torch.allclose(outs[4][0], first + tail)
 
 
 # ------------------------------------------------------------------ retention windows
@@ -409,6 +425,7 @@ def test_threshold_zero_is_bit_identical_to_uncached(t2v_dir, batch_cfg, split):
     for cache in (MagCache(RatioTable.published("t2v-A14B"), threshold=0.0), FirstBlockCache(0.0)):
         assert torch.equal(video(pipe, req, cache), uncached)
         assert cache.last_stats["skipped"] == 0 and cache.last_stats["computed"] == 16
+        assert cache.last_stats["blocks_run"] == 16 * len(pipe.experts[0].blocks)
     assert all(e.block_runner is None for e in pipe.experts)
 
 

@@ -61,7 +61,7 @@ class RatioRecorderRun(StepRun):
                 norms = current.norm(dim=-1) / before[1].norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
                 series[step] = norms.mean().item()  # [1, L] -> mean over tokens
             self._previous[b] = (step, current)
-        self.record(branches, False)
+        self.record(branches, False, len(blocks))
         return out
 
     def table(self, settings: dict[str, Any], source: str) -> RatioTable:

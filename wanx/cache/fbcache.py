@@ -76,5 +76,5 @@ class FirstBlockCacheRun(StepRun):
                 self.branches[b].head, self.branches[b].tail = head[i:i + 1], tail[i:i + 1]
         for b in branches:
             self.branches[b].last_step = self.step.index
-        self.record(branches, skip)
+        self.record(branches, skip, 1 if skip else len(blocks))
         return out

@@ -144,5 +144,5 @@ class MagCacheRun(StepRun):
                 state.residual = residual[i:i + 1]
         for b in branches:
             self.branches[b].last_step = self.step.index
-        self.record(branches, skip)
+        self.record(branches, skip, 0 if skip else len(blocks))
         return out

@@ -34,7 +34,8 @@ class StepRun:
     """One generation's state: the current plan step, the branch cursor, and the counters.
 
     ``computed`` / ``skipped`` count block-stack evaluations per branch (a batched CFG call
-    is two); ``trace`` lists ``(step, branches, skipped)`` per block-stack call.
+    is two); ``blocks_run`` counts the transformer blocks actually run, per branch (a first-block
+    cache still runs one block when it skips); ``trace`` lists ``(step, branches, skipped)`` per call.
     """
 
     kind = "step cache"
@@ -45,6 +46,7 @@ class StepRun:
         self._next_branch = 0
         self.computed = 0
         self.skipped = 0
+        self.blocks_run = 0
         self.trace: list[tuple[int, tuple[int, ...], bool]] = []
         self._owner: StepCache | None = None
         self._saved: list[tuple[torch.nn.Module, BlockRunner | None]] = []
@@ -63,7 +65,9 @@ class StepRun:
         self._next_branch += batch
         return tuple(range(first, first + batch))
 
-    def record(self, branches: tuple[int, ...], skipped: bool) -> None:
+    def record(self, branches: tuple[int, ...], skipped: bool, blocks_run: int) -> None:
+        """Count one block-stack call: its branches, skipped or not, and the blocks it ran per branch."""
+        self.blocks_run += blocks_run * len(branches)
         if skipped:
             self.skipped += len(branches)
         else:
@@ -101,7 +105,7 @@ class StepRun:
     def stats(self) -> dict[str, Any]:
         total = self.computed + self.skipped
         return {"kind": self.kind, "computed": self.computed, "skipped": self.skipped, "evaluations": total,
-                "steps": len(self.plan)}
+                "blocks_run": self.blocks_run, "steps": len(self.plan)}
 
 
 def summary_line(stats: dict[str, Any] | None) -> str:

@@ -452,7 +452,10 @@ def test_a_cancelled_run_removes_the_cache(t2v_pipe):
     req = request(t2v_pipe)
     ctx, ctx_null = t2v_pipe.encode_prompts(req.prompt, req.negative_prompt)
 
+    seen = []
+
     def cancel(step, total, entry):
+        seen.append(cache.current.stats()["evaluations"])  # live counters, for a progress line
         if step == 3:
             raise wanx.Cancelled
 
@@ -462,4 +465,5 @@ def test_a_cancelled_run_removes_the_cache(t2v_pipe):
                  t2v_pipe.prepare_condition(req), t2v_pipe.experts, t2v_pipe.residency, ctx, ctx_null,
                  callback=cancel, cache=cache)
     assert all(e.block_runner is None for e in t2v_pipe.experts)
-    assert cache.last_stats["evaluations"] == 6  # 3 steps x 2 branches, then the stop
+    assert cache.last_stats["evaluations"] == 6 and seen == [2, 4, 6]  # 3 steps x 2 branches, then the stop
+    assert cache.current is None

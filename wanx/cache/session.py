@@ -100,7 +100,7 @@ class StepRun:
             expert.block_runner = previous
         self._saved = []
         if self._owner is not None:
-            self._owner.last_stats = self.stats()
+            self._owner.last_stats, self._owner.current = self.stats(), None
 
     def stats(self) -> dict[str, Any]:
         total = self.computed + self.skipped
@@ -121,6 +121,7 @@ class StepCache:
     """A reusable step-cache setting; each generation gets its own :class:`StepRun` from :meth:`attach`."""
 
     kind = "step cache"
+    current: StepRun | None = None  # the run in progress (its stats() feed a live progress line)
     last_stats: dict[str, Any] | None = None  # the counters of the last finished (or stopped) run
 
     def start(self, plan: SamplingPlan) -> StepRun:
@@ -132,6 +133,7 @@ class StepCache:
         ``detach()`` the returned run (``run_plan`` does, in a ``finally``)."""
         run = self.start(plan)
         run.install(experts, owner=self)
+        self.current = run
         return run
 
     @contextmanager

@@ -90,11 +90,9 @@ def calibrate_request(pipe, req, source: str = "calibration") -> RatioTable:
     """Run ``req`` uncached on ``pipe`` and return the ratios it measured, with its settings."""
     recorder = RatioRecorder()
     denoise_request(pipe, req, recorder)
-    plan = pipe.plan(req)
     settings = {"task": pipe.spec.name, "steps": req.sample_steps, "shift": req.sample_shift,
                 "solver": req.sample_solver, "size": f"{req.size[0]}*{req.size[1]}", "frame_num": req.frame_num,
-                "guide_scale": list(req.guide_scale), "boundary": req.boundary, "switch_step": switch_step(plan),
-                "seed": req.seed, "prompt": req.prompt, "image": req.image_name,
+                "guide_scale": list(req.guide_scale), "boundary": req.boundary, "seed": req.seed, "prompt": req.prompt, "image": req.image_name,
                 "dtype": str(pipe.experts[0].dtype).replace("torch.", ""), "device": pipe.device.type,
                 "batch_cfg": pipe.options.batch_cfg, "checkpoint": pipe.checkpoint}
     return recorder.last_run.table(settings, source)

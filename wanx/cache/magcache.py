@@ -6,7 +6,10 @@ accumulated drift ``sum |1 - prod(ratios since the last computed step)|`` stays 
 and for at most ``max_skips`` steps in a row, a step reuses the last residual (``x + r``) instead of
 running the blocks; embeddings and the output head always run. Each branch (conditional,
 unconditional) keeps its own residual and drift, indexed by plan step, and one state spans both
-experts of a generation, as in the reference implementation (Zehong-Ma/MagCache).
+experts of a generation, as in the reference implementation (Zehong-Ma/MagCache). When both
+branches share one batched call and only one of them may skip, the blocks run for the batch and
+both residuals are refreshed (so batched and unbatched CFG can differ on such steps, which the
+near-equal cond/uncond ratios make rare). A computed step always resets its branch's drift.
 
 Retention (never skipped, so the cache restarts from a fresh residual), with ``R = retention``:
 ``"t2v"``: the first R of each expert's steps; ``"i2v"``: every high-noise step and the first R of

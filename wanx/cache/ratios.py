@@ -28,8 +28,7 @@ FILE_VERSION = 1
 def nearest_resample(values: Sequence[float], length: int) -> list[float]:
     """``values`` stretched to ``length`` entries: entry i is ``values[round(i (L-1) / (length-1))]``.
 
-    Both ends map to both ends; a single requested entry is the first value (the start of a
-    segment is what a one-step segment most resembles). Halves round up.
+    Both ends map to both ends; a single requested entry is the first value. Halves round up.
     """
     if length <= 0:
         return []
@@ -71,7 +70,8 @@ class RatioTable:
 
     def for_plan(self, num_steps: int, switch_step: int | None) -> list[list[float]]:
         """``[cond, uncond]`` ratios for a plan of ``num_steps`` whose low-noise expert starts at
-        ``switch_step`` (None or ``num_steps``: no switch)."""
+        ``switch_step`` (``num_steps``: the high-noise expert throughout; None: a one-expert model,
+        the table resampled whole)."""
         return [self._fit(series, num_steps, switch_step) for series in (self.cond, self.uncond or self.cond)]
 
     def _fit(self, series: Sequence[float], num_steps: int, switch_step: int | None) -> list[float]:

@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 if __package__ in (None, ""):  # `python bench/cache.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import wanx  # noqa: E402,I001  first: it sets OMP_WAIT_POLICY=PASSIVE, read when torch loads OpenMP
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from bench.common import SIZES, machine  # noqa: E402
 from bench.demo_quality import eval_captions, score_clip, summarise  # noqa: E402
 from wanx.cache import denoise_request, resolve_cache  # noqa: E402
@@ -76,8 +77,6 @@ def demo_configs(pipe, ratios: Path, thresholds: list[float], fb_thresholds: lis
 
 
 def run_demo(args) -> dict[str, Any]:
-    import wanx
-
     ratios = Path(args.out) / "cache_demo_ratios.json"
     calibration_s = calibrate_demo(ratios)
     pipe = wanx.load_pipeline(None, device="cpu")
@@ -102,6 +101,8 @@ def run_demo(args) -> dict[str, Any]:
         for name in names:
             per[name]["rows"].append(score_clip(frames[name], caption))
             per[name]["psnr"].append(psnr(frames[name], frames["uncached"]))
+        if (k + 1) % 24 == 0:
+            print(f"demo: {k + 1} of {len(captions) * args.seeds} clips", file=sys.stderr, flush=True)
     return {"calibration_seconds": calibration_s, "ratios_file": ratios.name,
             "ratios": json.loads(ratios.read_text()), "clips": len(captions) * args.seeds,
             "configs": {n: summarise_config(per[n], per["uncached"]) for n in names},
@@ -146,8 +147,6 @@ def _pct(value: float | None) -> str:
 
 def run_medium(args) -> dict[str, Any]:
     """Denoising wall and CPU time on the random-weight medium model, uncached vs MagCache, alternated."""
-    import wanx
-
     from bench.pipeline import build_checkpoint, video_size
 
     size = SIZES["medium"]

@@ -35,7 +35,7 @@ FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative_prompt", "image": 
          "threads": "--threads", "recipe": "--recipe", "timesteps": "--timesteps",
          "boundary_step": "--boundary_step", "cfg_first_steps": "--cfg_first_steps",
          "cfg_first_scale": "--cfg_first_scale", "quantize": "--quantize", "t5_quantize": "--t5_quantize",
-         "dit_files": "--dit_files", "lora": "--lora"}
+         "dit_files": "--dit_files", "lora": "--lora", "cache": "--cache", "out": "--out"}
 
 
 def _flag_names() -> dict[str, str]:
@@ -110,6 +110,8 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --save_file if it exists")
     p.add_argument("--allow_any_size", action="store_true",
                    help="accept sizes outside the task's official list (must still divide the stride)")
+    p.add_argument("--cache", default=None, metavar="magcache[:THRESH][,K=..,R=..,ratios=FILE]|fbcache[:THRESH]",
+                   help="step cache: skip the DiT block stack on steps whose residual barely changes (off by default)")
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:STRENGTH][@high|@low]",
                    help="apply a LoRA file (any format in the wild); repeat for several; @high/@low: one expert")
     p.add_argument("--lora_mode", default="fuse", choices=LORA_MODES,
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_batch_flags(sub.add_parser("batch", help="generate many videos from a .jsonl (in-process or on Ray)",
                                    parents=[verbose]))
+    from .cache import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     from .serve import add_serve_parser
 
     add_serve_parser(sub, parents=[verbose])
@@ -226,6 +231,9 @@ def _resolve_generate(args):
                           timesteps=args.timesteps, boundary_step=args.boundary_step,
                           cfg_first_steps=args.cfg_first_steps, cfg_first_scale=args.cfg_first_scale)
     loras = _lora_args(args, layout, facts)
+    from .cache import resolve_cache
+
+    args.step_cache = resolve_cache(args.cache, facts, image=req.image is not None)  # checked before loading
     if req.output is None:
         name = default_output_name(facts.spec.name, req.video_size, req.prompt, time.strftime("%Y%m%d_%H%M%S"))
         req = replace(req, output=check_output(name, args.overwrite))
@@ -296,15 +304,18 @@ def cmd_generate(args) -> int:
         log.info("%s", report.summary())
     load_s = time.perf_counter() - t0
     with _logs_above_progress_bars():
-        video = pipe.run(req, progress=sys.stderr.isatty() or None)
+        video = pipe.run(req, progress=sys.stderr.isatty() or None, cache=args.step_cache)
     extension = getattr(args, "prompt_extension", None)
     if extension is not None:
         video.metadata["prompt_extend"] = extension.recipe()  # the original and the extended prompt
     path = video.save(req.output, overwrite=args.overwrite)
     secs = video.stats.get("seconds", {})
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in {"load": load_s, **secs}.items())
+    from .cache import summary_line
+
+    cached = summary_line(video.stats.get("cache"))
     print(f"saved {path} ({video.num_frames} frames, {video.size[0]}x{video.size[1]} @ {video.fps} fps, "
-          f"seed {video.metadata['seed']}) | {stages} | {_peak_memory(pipe.device)}")
+          f"seed {video.metadata['seed']}) | {stages} | {_peak_memory(pipe.device)}" + (f" | {cached}" if cached else ""))
     return 0
 
 
@@ -361,6 +372,12 @@ def _convert_file(kind: str, src: Path, tmp: Path) -> None:
         save_t5(load_t5(src), tmp)
 
 
+def _cmd_calibrate(args) -> int:
+    from .cache import cmd_calibrate
+
+    return cmd_calibrate(args)
+
+
 def _cmd_batch(args) -> int:
     from .batch.cli import cmd_batch
 
@@ -403,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     handlers = {"generate": cmd_generate, "convert": cmd_convert, "train": _cmd_train, "serve": _cmd_serve, "batch": _cmd_batch,
+                "calibrate": lambda a: _cmd_calibrate(a),
                 "lora": lambda a: a.lora_handler(a)}
     try:
         return handlers[args.command](args)

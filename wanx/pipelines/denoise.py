@@ -36,20 +36,24 @@ def guided_velocity(model, latent: torch.Tensor, t: torch.Tensor, ctx: TextConte
 def run_plan(plan: SamplingPlan, noise: torch.Tensor, condition: Condition, experts: Sequence[torch.nn.Module],
              residency, ctx: TextContext, ctx_null: TextContext, *, batch_cfg: bool = True,
              callback: StepCallback | None = None,
-             before_step: Callable[[PlanStep | None], None] | None = None) -> torch.Tensor:
+             before_step: Callable[[PlanStep | None], None] | None = None, cache=None) -> torch.Tensor:
     """Walk ``plan`` from ``noise [1, C, T, h, w]``; returns the final latent.
 
     The residency policy puts each step's expert in place and releases the experts at the end,
-    also when the callback cancels the run or anything fails.
+    also when the callback cancels the run or anything fails. A step ``cache`` (``wanx.cache``)
+    runs the experts' block stacks for this walk only, told each step before it runs.
     """
     device = noise.device
     sampler = plan.make_sampler()
     latent = condition.start(noise)
+    cached = cache.attach(experts, plan) if cache is not None else None
     try:
         for step in plan:
             if before_step is not None:
                 before_step(step)
             model = residency.activate(experts, step.expert)
+            if cached is not None:
+                cached.begin_step(step)
             t = condition.timestep(step.timestep.to(device), latent)
             v = guided_velocity(model, latent, t, ctx, ctx_null, step.guide_scale, batch_cfg,
                                 **condition.dit_inputs())
@@ -59,6 +63,8 @@ def run_plan(plan: SamplingPlan, noise: torch.Tensor, condition: Condition, expe
     finally:
         if before_step is not None:
             before_step(None)  # None: the run is over, restore what the per-step switches changed
+        if cached is not None:
+            cached.detach()
         residency.leave_denoise(experts)
     if not torch.isfinite(latent).all():
         raise GenerationError("the sampler produced NaN/inf values; nothing was decoded. Try float32 "

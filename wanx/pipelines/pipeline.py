@@ -142,23 +142,27 @@ class WanPipeline:
                  frame_num: int | None = None, sample_steps: int | None = None, sample_shift: float | None = None,
                  guide_scale=None, boundary: float | None = None, sample_solver: str | None = None, seed: int = -1,
                  *, allow_any_size: bool | None = None, callback: StepCallback | None = None,
-                 progress: bool | None = None, **schedule) -> Video:
+                 progress: bool | None = None, cache=None, **schedule) -> Video:
         """Generate one video with the task's official recipe (None = the task default).
 
         A size outside the task's official list is warned about (``allow_any_size=False``
         refuses it, as the CLI does; True accepts it silently). ``schedule``: ``recipe="lightning"``
         (the 4-step distilled preset), ``timesteps=[...]``, ``boundary_step=k``,
         ``cfg_first_steps=k`` / ``cfg_first_scale=g`` (see :func:`wanx.request.resolve_request`).
+        ``cache``: a step cache, e.g. ``"magcache"`` or ``"magcache:0.08"`` (:func:`wanx.cache.resolve_cache`).
         ``callback(step, total, plan_step)`` runs after each step and may raise
         :class:`wanx.Cancelled`; ``progress`` (default: when stderr is a terminal) shows bars.
         """
         req = self.resolve(prompt, negative_prompt, image, size, frame_num, sample_steps, sample_shift,
                            guide_scale, boundary, sample_solver, seed, allow_any_size=allow_any_size, **schedule)
-        return self.run(req, callback=callback, progress=progress)
+        from ..cache import resolve_cache
+
+        cache = resolve_cache(cache, self.facts, image=req.image is not None)
+        return self.run(req, callback=callback, progress=progress, cache=cache)
 
     @torch.no_grad()
     def run(self, req: GenerationRequest, *, callback: StepCallback | None = None,
-            progress: bool | None = None) -> Video:
+            progress: bool | None = None, cache=None) -> Video:
         """Execute a request resolved for this checkpoint (see :meth:`generate`)."""
         progress = sys.stderr.isatty() if progress is None else progress
         timer = StageTimer()
@@ -170,9 +174,10 @@ class WanPipeline:
         with timer("denoise"), progress_bar(progress, len(plan), "denoise") as bar:
             latent = run_plan(plan, self.initial_noise(req, req.latent_grid), condition, self.experts,
                               self.residency, ctx, ctx_null, batch_cfg=self.options.batch_cfg,
-                              callback=bar.chain(callback), before_step=self._lora_phase(plan))
+                              callback=bar.chain(callback), before_step=self._lora_phase(plan), cache=cache)
         with timer("decode"):
             video = self.decode(latent, progress=progress)
-        out = Video(tensor=video, fps=self.spec.sample_fps, metadata=recipe_for(self, req))
-        out.stats = {"seconds": timer.seconds, "latent_shape": list(latent.shape)}
+        out = Video(tensor=video, fps=self.spec.sample_fps, metadata=recipe_for(self, req, cache))
+        out.stats = {"seconds": timer.seconds, "latent_shape": list(latent.shape),
+                     "cache": None if cache is None else cache.last_stats}
         return out

@@ -64,7 +64,7 @@ def progress_bar(enabled: bool, total: int, desc: str) -> _Bar:
     return _Bar(enabled, total, desc)
 
 
-def recipe_for(pipe, req) -> dict[str, Any]:
+def recipe_for(pipe, req, cache=None) -> dict[str, Any]:
     """Every setting that decides the frames, and what produced them (never a local path)."""
     from ..model.attention import effective_backend
 
@@ -75,4 +75,5 @@ def recipe_for(pipe, req) -> dict[str, Any]:
             "attention": effective_backend(pipe.device, pipe.dit_config.head_dim),
             "checkpoint": pipe.checkpoint, "options": asdict(pipe.options),
             "residency": pipe.residency.describe(), "loras": [lora.to_dict() for lora in pipe.loras],
+            "cache": None if cache is None else cache.describe(),
             "wanx_version": __version__}

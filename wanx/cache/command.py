@@ -40,7 +40,7 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("what", choices=["magcache"], help="what to calibrate: magcache (per-step magnitude ratios)")
     p.add_argument("--ckpt_dir", default=None, help="checkpoint folder; default: the built-in demo model")
     p.add_argument("--task", default=None, choices=sorted(TASKS), metavar="TASK",
-                   help="default: read from the checkpoint folder")
+                   help=f"one of {', '.join(TASKS)}; default: read from the checkpoint folder")
     p.add_argument("--out", required=True, help="ratios file to write (.json); use it as --cache magcache,ratios=FILE")
     p.add_argument("--prompt", default=None,
                    help=f"prompt of the calibration run (default: {DEMO_PROMPT!r} for the demo model, else "

@@ -382,6 +382,17 @@ class LoraStack:
             elif "forward" in wrapper.layer.__dict__ and wrapper.layer.forward is wrapper:
                 wrapper.uninstall()
 
+    def step_switch(self, plan):
+        """A per-step hook for the denoising loop: live LoRAs follow each plan step's ``loras`` flag
+        (off in a real-guidance phase), and are back on when the run ends (step None); None if no
+        step turns them off."""
+        if all(step.loras for step in plan):
+            return None
+        if self.has_fused:
+            log.warning("fused LoRAs stay on during the real-guidance steps; load them with mode='live' "
+                        "to leave them out there")
+        return lambda step: self.set_live_enabled(step is None or step.loras)
+
     def unload_all(self) -> None:
         """Remove every LoRA: live wrappers off, every fused parameter back to its original bits."""
         for wrapper in self._live.values():

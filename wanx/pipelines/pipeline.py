@@ -8,7 +8,6 @@ a :class:`SamplingPlan` executed by :func:`run_plan` under the residency policy 
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -23,10 +22,7 @@ from ..sampling.plan import SamplingPlan, build_plan
 from ..text import TextContext
 from .conditions import Condition, make_condition
 from .denoise import StepCallback, run_plan
-from .reporting import StageTimer, progress_bar, recipe_for
-
-log = logging.getLogger("wanx")
-
+from .reporting import StageTimer, progress_bar, recipe_for, warn_unknown_words
 
 @dataclass
 class PipelineOptions:
@@ -94,10 +90,7 @@ class WanPipeline:
 
     def encode_prompts(self, prompt: str, negative: str) -> tuple[TextContext, TextContext]:
         """(context, context_null) on the DiT's device; unknown words in what the user typed are warned about."""
-        for text in dict.fromkeys(t for t in (prompt, negative) if t != self.spec.negative_prompt):
-            unknown = self.text_encoder.tokenizer.unknown_words(text)
-            if unknown:
-                log.warning("the text encoder does not know %s; they are read as <unk>", ", ".join(unknown))
+        warn_unknown_words(self.text_encoder.tokenizer, (prompt, negative), skip=self.spec.negative_prompt)
         self.residency.enter_text(self.text_encoder.model)
         with torch.no_grad():
             ctx, ctx_null = self.text_encoder.context(prompt), self.text_encoder.context(negative)
@@ -114,15 +107,6 @@ class WanPipeline:
         gen = torch.Generator(device=self.device).manual_seed(req.seed)
         noise = torch.randn(self.vae.cfg.z_dim, *grid, dtype=torch.float32, device=self.device, generator=gen)
         return noise[None]
-
-    def _lora_phase(self, plan: SamplingPlan):
-        """Live LoRAs follow each step's ``loras`` flag (off in a real-guidance phase)."""
-        if all(step.loras for step in plan):
-            return None
-        if self._loras.has_fused:
-            log.warning("fused LoRAs stay on during the real-guidance steps; load them with mode='live' "
-                        "to leave them out there")
-        return lambda step: self._loras.set_live_enabled(step is None or step.loras)
 
     def plan(self, req: GenerationRequest) -> SamplingPlan:
         return build_plan(req.sample_solver, req.sample_steps, req.sample_shift, req.guide_scale,
@@ -174,7 +158,7 @@ class WanPipeline:
         with timer("denoise"), progress_bar(progress, len(plan), "denoise") as bar:
             latent = run_plan(plan, self.initial_noise(req, req.latent_grid), condition, self.experts,
                               self.residency, ctx, ctx_null, batch_cfg=self.options.batch_cfg,
-                              callback=bar.chain(callback), before_step=self._lora_phase(plan), cache=cache)
+                              callback=bar.chain(callback), before_step=self._loras.step_switch(plan), cache=cache)
         with timer("decode"):
             video = self.decode(latent, progress=progress)
         out = Video(tensor=video, fps=self.spec.sample_fps, metadata=recipe_for(self, req, cache))

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..version import __version__
+
+log = logging.getLogger("wanx")
+
+
+def warn_unknown_words(tokenizer, texts, skip: str = "") -> None:
+    """Warn about words the text encoder's vocabulary lacks (they silently become <unk>)."""
+    for text in dict.fromkeys(t for t in texts if t != skip):
+        unknown = tokenizer.unknown_words(text)
+        if unknown:
+            log.warning("the text encoder does not know %s; they are read as <unk>", ", ".join(unknown))
 
 
 @dataclass

@@ -257,6 +257,12 @@ def test_int8_transformer_stays_close(ckpt, media, pipe):
     assert 0 < err < 0.1
 
 
+def test_step_caches_are_refused(pipe, media):
+    req = pipe.resolve(PROMPT, image=media / "ref.png", audio=media / "speech.wav", size=(64, 64))
+    with pytest.raises(wanx.InputError, match="step caches"):
+        pipe.run(req, cache=object())
+
+
 def test_s2v_folders_are_recognised(ckpt, tmp_path):
     from wanx.pipelines.s2v import is_s2v_checkpoint
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configs import S2V_MOTION_FRAMES, S2V_WAV2VEC_DIR, S2VConfig
-from ..errors import GenerationError
+from ..errors import GenerationError, InputError
 from ..media import Mp4Writer, Video, read_audio_track, read_video_frames, to_uint8
 from ..request import GenerationRequest, ModelFacts, resolve_request
 from ..sampling.guidance import cfg
@@ -254,11 +254,17 @@ class S2VPipeline(WanPipeline):
 
     @torch.no_grad()
     def run(self, req: GenerationRequest, *, callback=None, progress: bool | None = None, save_file=None,
-            overwrite: bool = False) -> Video:
+            overwrite: bool = False, cache=None) -> Video:
         """Generate every clip. Without ``save_file`` the whole video is returned (with its audio);
         with it, each clip is encoded into ``save_file`` as it finishes (earlier clips are not kept
         in memory; after a failure the finished clips stay in ``<name>.partial.mp4``) and the
-        returned :class:`Video` holds only the last clip (its ``stats`` give the saved path)."""
+        returned :class:`Video` holds only the last clip (its ``stats`` give the saved path).
+
+        ``cache`` must be None: the step caches wrap the Wan block stack, and S2V runs its own
+        (two modulation segments, audio injection between blocks).
+        """
+        if cache is not None:
+            raise InputError("cache", "{arg}: step caches are not supported for s2v-14B yet")
         progress = sys.stderr.isatty() if progress is None else progress
         timer = StageTimer()
         with timer("text"):

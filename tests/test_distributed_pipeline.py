@@ -263,12 +263,11 @@ def test_flags_the_parallel_loaders_do_not_handle_yet_are_refused_before_anythin
     import argparse
 
     from wanx.cli import _resolve_generate, add_generate_flags
-    from wanx.distributed.launch import add_distributed_flags, generate_cli
+    from wanx.distributed.launch import generate_cli
     from wanx.errors import InputError
 
     parser = argparse.ArgumentParser()
     add_generate_flags(parser)
-    add_distributed_flags(parser)
     args = parser.parse_args(["x", "--ckpt_dir", str(tiny_ckpt), "--ulysses_size", "2", "--quantize", "int8",
                               "--save_file", "unused.mp4"])
     layout, req, *_ = _resolve_generate(args)  # (layout, req, device[, loras])
